@@ -1,0 +1,37 @@
+# xtpath: the two set-up commands of README.md.
+#   make demo   installs into .venv and runs the pipeline on bundled data (offline)
+#   make test   installs into .venv (with test extras) and runs the test suite
+# Override TORCH to choose another PyTorch build, e.g. make test TORCH="torch torchvision".
+
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+export HF_HUB_OFFLINE := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test install clean
+
+$(VENV)/.installed-base: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-base
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed-base
+
+demo: $(VENV)/.installed-base
+	$(VENV)/bin/xtpath info tests/data/CMU-1-Small-Region.svs
+	$(VENV)/bin/xtpath tissue tests/data/CMU-1-Small-Region.svs --out demo_out
+	$(VENV)/bin/xtpath tile tests/data/CMU-1-Small-Region.svs --target-mpp 0.5 --region-px 256 --out demo_out/CMU-1-Small-Region_regions.h5
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .hypothesis

@@ -1,0 +1,101 @@
+"""The command line, run as a real subprocess the way a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from .conftest import DATA
+
+
+def xtpath(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "xtpath", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+
+
+def test_help_lists_commands_and_is_light():
+    r = xtpath("--help")
+    assert r.returncode == 0
+    for cmd in ("info", "tissue", "tile"):
+        assert cmd in r.stdout
+    # --help must not import the heavy libraries
+    code = ("import sys; from xtpath.cli import app; "
+            "heavy = [m for m in ('torch', 'openslide', 'skimage', 'h5py', 'timm', 'tiffslide') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == ""
+
+
+def test_info_json():
+    r = xtpath("info", DATA / "test3-TRITC-2-560.ndpi", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["backend"] == "openslide" and d["vendor"] == "hamamatsu"
+    assert d["dimensions"] == [3968, 4864] and d["level_count"] == 7
+    assert d["mpp"] == pytest.approx([0.22818, 0.22818], abs=1e-4)
+    assert d["mpp_source"] == "TIFF resolution tags" and d["objective_power"] == 40
+
+
+def test_info_table_shows_mpp_source_and_grid_scale():
+    r = xtpath("info", DATA / "tcga-cr-7395-01a-01-ts1.svs")
+    assert r.returncode == 0
+    assert "unknown (pass --mpp)" in r.stdout and "pixel grid scale 2" in r.stdout
+
+
+def test_tissue_writes_three_files(tmp_path):
+    r = xtpath("tissue", DATA / "CMU-1-Small-Region.svs", "--out", tmp_path)
+    assert r.returncode == 0, r.stderr
+    area = float(r.stdout.split("tissue area ")[1].split(" mm²")[0])
+    assert 0.45 < area < 0.65
+    for suffix in ("_tissue.png", "_qc.png", "_tissue.geojson"):
+        assert (tmp_path / f"CMU-1-Small-Region{suffix}").stat().st_size > 0
+    fc = json.loads((tmp_path / "CMU-1-Small-Region_tissue.geojson").read_text())
+    assert fc["features"] and fc["features"][0]["properties"]["classification"]["name"] == "Tissue"
+    assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+
+
+def test_tile_h5_and_csv(tmp_path):
+    r = xtpath("tile", DATA / "CMU-1-Small-Region.svs", "--target-mpp", "0.5", "--region-px", "256",
+               "--out", tmp_path / "c.h5")
+    assert r.returncode == 0, r.stderr
+    n = int(r.stdout.split(": ")[1].split(" regions")[0])
+    assert n > 10
+    with h5py.File(tmp_path / "c.h5") as f:
+        coords = f["coords"][:]
+        assert coords.shape == (n, 2) and coords.dtype == np.int64
+        a = f["coords"].attrs
+        assert a["patch_size"] == 256 and a["patch_size_level0"] == 257  # 256 * 0.5 / 0.499
+        assert a["level0_width"] == 2220 and a["level0_height"] == 2967 and a["name"] == "CMU-1-Small-Region"
+        assert np.array_equal(np.rint(f["grid"][:] * 256.513).astype(int)[:, ::-1], coords)
+    r2 = xtpath("tile", DATA / "CMU-1-Small-Region.svs", "--target-mpp", "0.5", "--region-px", "256",
+                "--order", "hilbert", "--out", tmp_path / "c.csv")
+    rows = (tmp_path / "c.csv").read_text().splitlines()
+    assert rows[0] == "x,y,row,col,tissue" and len(rows) == n + 1
+    assert sorted(rows[1:]) != rows[1:] or n < 3  # hilbert order differs from raster
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["info", "no-such-slide.svs"], "no-such-slide.svs: no such file"),
+    (["tissue", DATA / "tcga-cr-7395-01a-01-ts1.svs", "--out", "x"], "--mpp"),
+    (["tissue", DATA / "openslide-python-unreadable.svs", "--out", "x"], "cannot decode the region"),
+    (["tile", DATA / "CMU-1-Small-Region.svs", "--target-mpp", "0.5", "--region-px", "64", "--out", "x.txt"],
+     "use a .h5 or .csv"),
+])
+def test_errors_are_one_line_with_status_1(tmp_path, args, needle):
+    r = xtpath(*args, cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.startswith("error: ") and needle in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in r.stderr
+
+
+def test_usage_error_exit_code():
+    r = xtpath("tile", DATA / "CMU-1-Small-Region.svs", "--target-mpp", "0.5")
+    assert r.returncode == 2 and "--region-px" in r.stderr

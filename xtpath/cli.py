@@ -1,0 +1,213 @@
+"""The ``xtpath`` command line.
+
+Heavy libraries (torch, openslide, scikit-image, h5py) are imported inside the commands, so ``xtpath --help``
+answers at once. Every error xtpath raises on purpose is printed as one line and exits with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="xtpath",
+    help="xT for whole-slide pathology: read slides, find tissue, cut regions, encode, train and score.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    openslide = "openslide"
+    tiffslide = "tiffslide"
+
+
+class Preset(str, Enum):
+    default = "default"
+    biopsy = "biopsy"
+    resection = "resection"
+
+
+class Mode(str, Enum):
+    auto = "auto"
+    he = "he"
+    fluorescence = "fluorescence"
+
+
+class Edge(str, Enum):
+    pad = "pad"
+    drop = "drop"
+
+
+class Order(str, Enum):
+    raster = "raster"
+    hilbert = "hilbert"
+
+
+SlideArg = Annotated[Path, typer.Argument(help="Slide file (SVS, NDPI, TIFF, OME-TIFF, DICOM .dcm) or DICOM folder.",
+                                          show_default=False)]
+BackendOpt = Annotated[Backend, typer.Option(help="Slide library; auto picks the one suited to the format.")]
+MppOpt = Annotated[Optional[float], typer.Option(
+    "--mpp", help="Microns per level-0 pixel, overriding the file (needed when the file has none).")]
+
+
+def _echo_err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+def _tissue_options(preset: Preset, mode: Mode, mask_mpp: Optional[float], min_area_um2: Optional[float]):
+    from xtpath.tissue import tissue_params
+
+    return tissue_params(preset.value, mode=mode.value, mask_mpp=mask_mpp, min_area_um2=min_area_um2)
+
+
+@app.command()
+def info(slide: SlideArg, backend: BackendOpt = Backend.auto, mpp: MppOpt = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> None:
+    """Show a slide's format, size, pyramid, resolution (and where it came from) and objective power."""
+    from xtpath.io import open_slide
+
+    with open_slide(slide, backend=backend.value, mpp=mpp) as s:
+        d = s.describe()
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=str(slide), show_header=False, box=None)
+    mpp_txt = f"{d['mpp'][0]:.4f} x {d['mpp'][1]:.4f} µm/px" if d["mpp"] else "unknown (pass --mpp)"
+    if d["mpp_note"]:
+        mpp_txt += f" [{d['mpp_note']}]"
+    rows = [
+        ("backend", d["backend"]), ("vendor", str(d["vendor"])),
+        ("size", f"{d['dimensions'][0]} x {d['dimensions'][1]} px"),
+        ("mpp", mpp_txt), ("mpp source", d["mpp_source"]),
+        ("objective", f"{d['objective_power']:g}x" if d["objective_power"] else "unknown"),
+        ("levels", str(d["level_count"])),
+    ]
+    for i, (dims, ds, gs) in enumerate(zip(d["level_dimensions"], d["level_downsamples"], d["level_grid_scales"])):
+        grid = "" if abs(gs[0] - ds) < 1e-9 and abs(gs[1] - ds) < 1e-9 else f" (pixel grid scale {gs[0]:g})"
+        rows.append((f"  level {i}", f"{dims[0]} x {dims[1]}  downsample {ds:.6g}{grid}"))
+    rows.append(("associated", ", ".join(d["associated_images"]) or "-"))
+    for k, v in rows:
+        t.add_row(k, v)
+    Console().print(t)
+
+
+@app.command()
+def tissue(
+    slide: SlideArg,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the mask PNG, QC PNG and GeoJSON.")],
+    preset: Annotated[Preset, typer.Option(help="Detector preset (sizes tuned for biopsies or resections).")]
+    = Preset.default,
+    mode: Annotated[Mode, typer.Option(help="he: coloured tissue on white; fluorescence: bright on dark.")]
+    = Mode.auto,
+    mask_mpp: Annotated[Optional[float], typer.Option(help="Mask resolution in µm/px (default 8).")] = None,
+    min_area_um2: Annotated[Optional[float], typer.Option(help="Drop tissue pieces smaller than this (µm²).")]
+    = None,
+    backend: BackendOpt = Backend.auto,
+    mpp: MppOpt = None,
+) -> None:
+    """Find tissue; write <slide>_tissue.png, <slide>_qc.png, <slide>_tissue.geojson and print the area."""
+    import warnings
+
+    from xtpath.io import open_slide
+    from xtpath.tissue import detect_tissue, save_tissue_outputs
+
+    params = _tissue_options(preset, mode, mask_mpp, min_area_um2)
+    with open_slide(slide, backend=backend.value, mpp=mpp) as s:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            tm = detect_tissue(s, params)
+        for w in caught:
+            typer.echo(f"warning: {w.message}", err=True)
+        paths = save_tissue_outputs(tm, out, s.name)
+    typer.echo(f"{s.name}: tissue area {tm.area_mm2:.3f} mm² ({tm.mode}, mask {tm.mask.shape[1]}x{tm.mask.shape[0]} "
+               f"at {tm.mpp[0]:.2f} µm/px)")
+    for kind, p in paths.items():
+        typer.echo(f"  {kind}: {p}")
+
+
+@app.command()
+def tile(
+    slide: SlideArg,
+    target_mpp: Annotated[float, typer.Option(help="Microns per pixel of the regions (0.5 is about 20x).")],
+    region_px: Annotated[int, typer.Option(help="Region side in pixels at --target-mpp.")],
+    encoder_px: Annotated[Optional[int], typer.Option(help="Region encoder input side (default: --region-px).")]
+    = None,
+    min_tissue: Annotated[float, typer.Option(help="Keep regions with at least this tissue fraction.")] = 0.1,
+    edge: Annotated[Edge, typer.Option(help="Partial regions at the slide edge: pad (keep) or drop.")] = Edge.pad,
+    order: Annotated[Order, typer.Option(help="Region order: raster or along a Hilbert curve.")] = Order.raster,
+    no_tissue: Annotated[bool, typer.Option("--no-tissue", help="Keep every region; skip tissue detection.")]
+    = False,
+    preset: Annotated[Preset, typer.Option(help="Tissue detector preset.")] = Preset.default,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write coordinates to FILE.h5 or FILE.csv.")]
+    = None,
+    backend: BackendOpt = Backend.auto,
+    mpp: MppOpt = None,
+) -> None:
+    """Cut a slide into regions (nested tokenization); print how many hold tissue and save their coordinates."""
+    import warnings
+
+    from xtpath.errors import InvalidParameterError
+    from xtpath.io import open_slide
+    from xtpath.tiling import make_region_grid
+    from xtpath.tissue import detect_tissue
+
+    if out is not None and out.suffix.lower() not in (".h5", ".csv"):
+        raise InvalidParameterError(f"--out {out}: use a .h5 or .csv file name")
+    with open_slide(slide, backend=backend.value, mpp=mpp) as s:
+        smpp = s.require_mpp()
+        tm = None
+        if not no_tissue:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", UserWarning)
+                tm = detect_tissue(s, _tissue_options(preset, Mode.auto, None, None), keep_image=False)
+            for w in caught:
+                typer.echo(f"warning: {w.message}", err=True)
+        regions = make_region_grid(s.dimensions, smpp, target_mpp, region_px, encoder_px=encoder_px,
+                                   tissue=tm, min_tissue=min_tissue, edge=edge.value, order=order.value)
+        name, power = s.name, s.objective_power
+    k = regions.subregions_per_side
+    typer.echo(f"{name}: {len(regions)} regions of {region_px} px at {target_mpp:g} µm/px "
+               f"({regions.region_size[0]:.1f} level-0 px; grid {regions.grid_shape[0]}x{regions.grid_shape[1]}; "
+               f"{k}x{k} encoder inputs of {regions.encoder_px} px each at {regions.read_mpp:.4g} µm/px)")
+    if out is not None:
+        if out.suffix.lower() == ".h5":
+            from xtpath.cache import write_coords
+
+            write_coords(out, regions, name=name, objective_power=power)
+        else:
+            from xtpath.io.files import write_text
+
+            lines = ["x,y,row,col,tissue"] + [f"{x},{y},{r},{c},{t:.4f}" for (x, y), (r, c), t in
+                                              zip(regions.coords, regions.grid, regions.tissue)]
+            write_text(out, "\n".join(lines) + "\n")
+        typer.echo(f"  coordinates: {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning xtpath errors into one-line messages and exit status 1.
+
+    Usage errors (a missing option, a bad value) are reported by typer itself, with exit status 2.
+    """
+    from xtpath.errors import XtpathError
+
+    try:
+        app(args=argv)
+    except XtpathError as e:
+        _echo_err(str(e))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""QuPath-compatible GeoJSON: masks to polygons in level-0 pixels, features, atomic writing.
+
+QuPath imports a ``FeatureCollection`` whose features carry ``properties.objectType`` (``"annotation"``,
+``"detection"``, ``"tile"``), an optional ``classification`` ``{"name", "color": [r, g, b]}`` and optional
+``measurements``. Coordinates are level-0 pixels, rings are closed (first point repeated at the end).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from xtpath.io.files import write_json
+
+__all__ = ["mask_polygons", "polygon_feature", "box_feature", "feature_collection", "write_geojson"]
+
+Ring = list[list[float]]
+
+
+def _ring_area(ring: np.ndarray) -> float:
+    x, y = ring[:, 0], ring[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def mask_polygons(mask: np.ndarray, scale_xy: tuple[float, float] = (1.0, 1.0),
+                  offset_xy: tuple[float, float] = (0.0, 0.0), *, tolerance: float = 0.5) -> list[list[Ring]]:
+    """Polygons (exterior ring, then holes) outlining the ``True`` areas of a mask.
+
+    Parameters
+    ----------
+    mask : (H, W) bool array
+        Mask pixel ``(r, c)`` covers ``[c, c + 1) x [r, r + 1)`` in mask pixels.
+    scale_xy : (float, float)
+        Output units per mask pixel (e.g. level-0 pixels per mask pixel).
+    offset_xy : (float, float)
+        Output position of the mask's top-left corner.
+    tolerance : float
+        Douglas-Peucker tolerance in mask pixels (0 keeps every vertex).
+
+    Returns
+    -------
+    list of polygons; each polygon is a list of closed rings ``[[x, y], ...]``, exterior first.
+    Foreground is 4-connected and holes are 8-connected, as marching squares draws them.
+    """
+    from skimage.measure import approximate_polygon, find_contours, label, regionprops
+
+    mask = np.asarray(mask, dtype=bool)
+    polygons: list[list[Ring]] = []
+    labels = label(mask, connectivity=1)
+    for region in regionprops(labels):
+        r0, c0, r1, c1 = region.bbox
+        comp = np.pad(labels[r0:r1, c0:c1] == region.label, 1).astype(np.float32)
+        rings = []
+        for contour in find_contours(comp, 0.5):
+            if tolerance > 0:
+                contour = approximate_polygon(contour, tolerance)
+            if len(contour) < 4:
+                continue
+            # contour (row, col) in padded pixel-centre coordinates -> pixel-edge coordinates of the mask
+            xy = np.stack([contour[:, 1] - 1 + 0.5 + c0, contour[:, 0] - 1 + 0.5 + r0], axis=1)
+            xy = xy * np.asarray(scale_xy, dtype=np.float64) + np.asarray(offset_xy, dtype=np.float64)
+            if not np.allclose(xy[0], xy[-1]):
+                xy = np.vstack([xy, xy[:1]])
+            rings.append(xy)
+        if not rings:
+            continue
+        rings.sort(key=lambda r: -abs(_ring_area(r)))
+        polygons.append([np.round(r, 2).tolist() for r in rings])
+    return polygons
+
+
+def polygon_feature(polygon: Sequence[Ring] | Sequence[Sequence[Ring]], *, object_type: str = "annotation",
+                    name: str | None = None, color: tuple[int, int, int] | None = None,
+                    measurements: dict[str, float] | None = None, extra: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """One GeoJSON Feature; ``polygon`` is one polygon (list of rings) or several (a MultiPolygon)."""
+    multi = bool(polygon) and isinstance(polygon[0][0][0], (list, tuple))
+    geometry = {"type": "MultiPolygon" if multi else "Polygon", "coordinates": polygon}
+    props: dict[str, Any] = {"objectType": object_type}
+    if name is not None:
+        props["classification"] = {"name": name, "color": list(color) if color else [255, 0, 0]}
+    if measurements:
+        props["measurements"] = {k: float(v) for k, v in measurements.items()}
+    if extra:
+        props.update(extra)
+    return {"type": "Feature", "id": str(uuid.uuid4()), "geometry": geometry, "properties": props}
+
+
+def box_feature(x: float, y: float, w: float, h: float, **kw: Any) -> dict[str, Any]:
+    """A rectangle ``[x, x+w) x [y, y+h)`` in level-0 pixels as a Feature (e.g. a scored region as a tile)."""
+    ring = [[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]
+    return polygon_feature([ring], **kw)
+
+
+def feature_collection(features: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_geojson(path: str | os.PathLike[str], features: list[dict[str, Any]]) -> None:
+    """Write a FeatureCollection atomically."""
+    write_json(path, feature_collection(features), indent=None)

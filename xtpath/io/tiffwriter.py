@@ -1,0 +1,88 @@
+"""Write pyramidal tiled TIFFs that openslide, tiffslide, QuPath and napari open.
+
+Levels are stored as top-level pages (``subfiletype=1`` for the reduced ones), which is what openslide's
+generic-TIFF reader expects; the resolution tags carry the mpp. Each level is made from the one above by 2x2
+box averaging, with the last odd row/column dropped (``floor``), as scanners do.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from xtpath.io.files import atomic_path
+
+__all__ = ["write_pyramid_tiff", "downsample2"]
+
+
+def downsample2(img: np.ndarray) -> np.ndarray:
+    """2x2 box average of an ``(H, W[, C])`` uint8 image to ``(H//2, W//2[, C])`` (rounded)."""
+    h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
+    a = img[:h, :w].astype(np.uint16)
+    s = a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
+    return ((s + 2) // 4).astype(np.uint8)
+
+
+def write_pyramid_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: float | tuple[float, float], *,
+                       tile: int = 256, compression: str | None = "jpeg", quality: int = 90,
+                       min_size: int = 256, levels: int | None = None, ome: bool = False,
+                       description: str | None = None) -> Path:
+    """Write ``image`` (level 0) and its 2x pyramid as a tiled TIFF, atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Output file (``.tif``/``.tiff``; ``.ome.tif`` with ``ome=True``).
+    image : (H, W, 3) uint8 RGB, or (H, W) uint8/uint16 labels
+    mpp : float or (float, float)
+        Microns per level-0 pixel, stored in the resolution tags (and OME PhysicalSize with ``ome=True``).
+    tile : int
+        Tile side (a multiple of 16).
+    compression : {"jpeg", "zlib", None}
+        ``"jpeg"`` for RGB pictures, ``"zlib"`` (deflate) for exact values such as label masks.
+    min_size : int
+        Stop adding levels when the longer side would fall below this.
+    levels : int, optional
+        Number of levels (default: until ``min_size``).
+    ome : bool
+        Write OME-XML metadata; reduced levels then go to SubIFDs, the OME-TIFF pyramid layout that QuPath,
+        napari and tiffslide read (openslide does not read OME-TIFF).
+    """
+    import tifffile
+
+    mx, my = (mpp, mpp) if np.isscalar(mpp) else mpp  # type: ignore[misc]
+    pyramid = [np.ascontiguousarray(image)]
+    while (levels is None and max(pyramid[-1].shape[:2]) // 2 >= min_size) or \
+            (levels is not None and len(pyramid) < levels):
+        if min(pyramid[-1].shape[:2]) < 2:
+            break
+        pyramid.append(downsample2(pyramid[-1]))
+    rgb = image.ndim == 3
+    opts: dict = {"tile": (tile, tile), "photometric": "rgb" if rgb else "minisblack"}
+    if compression == "jpeg":
+        opts["compression"] = "jpeg"
+        opts["compressionargs"] = {"level": quality}
+    elif compression:
+        opts["compression"] = compression
+    res = (1e4 / mx, 1e4 / my)
+    with atomic_path(path) as tmp:
+        with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31, ome=ome) as tw:
+            if ome:
+                meta = {"PhysicalSizeX": mx, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": my,
+                        "PhysicalSizeYUnit": "µm", "axes": "YXS" if rgb else "YX"}
+                tw.write(pyramid[0], subifds=len(pyramid) - 1, resolution=res, resolutionunit="CENTIMETER",
+                         metadata=meta, **opts)
+                for lv in pyramid[1:]:
+                    f = image.shape[1] / lv.shape[1]
+                    tw.write(lv, subfiletype=1, resolution=(res[0] / f, res[1] / f), resolutionunit="CENTIMETER",
+                             metadata=None, **opts)
+            else:
+                tw.write(pyramid[0], resolution=res, resolutionunit="CENTIMETER", description=description,
+                         metadata=None, **opts)
+                for lv in pyramid[1:]:
+                    f = image.shape[1] / lv.shape[1]
+                    tw.write(lv, subfiletype=1, resolution=(res[0] / f, res[1] / f), resolutionunit="CENTIMETER",
+                             metadata=None, **opts)
+    return Path(path)
