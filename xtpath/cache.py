@@ -1,30 +1,61 @@
-"""HDF5 files of region coordinates and features: the only module that knows the dataset and attribute names.
+"""Per-slide HDF5 files of region coordinates and features: the only module that knows the dataset names.
 
-The layout is readable by CLAM and TRIDENT: dataset ``coords`` (N, 2) int64 level-0 ``(x, y)`` with attributes
-``patch_size``, ``patch_size_level0``, ``level0_magnification``, ``target_magnification``, ``level0_width``,
-``level0_height``, ``name``. xtpath adds ``grid`` (N, 2) ``(row, col)`` and ``tissue`` (N,) and its own
-attributes on the file root.
+Layout (``schema_version`` 1), readable by CLAM and TRIDENT loaders:
+
+========================  =====================  =========================================================
+name                      shape / type           meaning
+========================  =====================  =========================================================
+``coords``                (N, 2) int64           level-0 ``(x, y)`` of each region's top-left corner;
+                                                 attributes ``patch_size``, ``patch_size_level0``,
+                                                 ``level0_magnification``, ``target_magnification``,
+                                                 ``level0_width``, ``level0_height``, ``name`` (TRIDENT)
+                                                 and ``patch_level``, ``downsample`` (CLAM)
+``features``              (N, D) or (N, h, w, D) pooled vector or token grid per region
+``grid``                  (N, 2) int64           ``(row, col)`` of each region on the region grid
+``tissue``                (N,) float32           tissue fraction of each region
+file attributes           ``mpp``, ``target_mpp``, ``region_px``, ``encoder``, ``weights_sha256``,
+                          ``xtpath_version``, ``schema_version``, ``features_kind``, ``config`` (JSON)
+========================  =====================  =========================================================
+
+Feature files made by CLAM or TRIDENT (``coords`` + ``features`` and no ``grid``) are read too: the grid is
+derived from the coordinates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from xtpath.io.files import atomic_path
+from xtpath.errors import CacheError
+from xtpath.io.files import atomic_path, publish
 from xtpath.tiling import RegionGrid
 
-__all__ = ["COORDS", "GRID", "TISSUE", "FEATURES", "SCHEMA_VERSION", "write_coords", "coords_attrs"]
+__all__ = [
+    "COORDS", "GRID", "TISSUE", "FEATURES", "SCHEMA_VERSION", "KEY_FIELDS",
+    "write_coords", "coords_attrs", "CacheWriter", "SlideFeatures", "load_features", "read_settings",
+    "settings_differences", "derive_grid", "cache_path",
+]
 
 COORDS = "coords"
 GRID = "grid"
 TISSUE = "tissue"
 FEATURES = "features"
 SCHEMA_VERSION = 1
+# the settings that must match for a cached file to be reused
+KEY_FIELDS = ("schema_version", "encoder", "weights_sha256", "features_kind", "encoder_px", "mpp", "target_mpp",
+              "region_px", "tissue")
+
+
+def cache_path(cache_dir: str | os.PathLike[str], slide_id: str) -> Path:
+    """Where the features of ``slide_id`` live: ``CACHE_DIR/<slide_id>.h5``."""
+    return Path(cache_dir) / f"{slide_id}.h5"
 
 
 def _magnification(mpp: float) -> float:
@@ -43,10 +74,26 @@ def coords_attrs(regions: RegionGrid, name: str, objective_power: float | None =
         "level0_width": int(regions.slide_dimensions[0]),
         "level0_height": int(regions.slide_dimensions[1]),
         "name": name,
-        # CLAM reads these two: features came from level 0 regions of patch_size_level0 pixels
+        "overlap": 0,
+        # CLAM reads these two: regions cut from level 0, patch_size_level0 pixels each
         "patch_level": 0,
         "downsample": [float(regions.region_size[0] / regions.region_px)] * 2,
     }
+
+
+def _write_regions(f: Any, regions: RegionGrid, name: str, objective_power: float | None) -> None:
+    d = f.create_dataset(COORDS, data=np.asarray(regions.coords, dtype=np.int64))
+    for k, v in coords_attrs(regions, name, objective_power).items():
+        d.attrs[k] = v
+    f.create_dataset(GRID, data=np.asarray(regions.grid, dtype=np.int64))
+    f.create_dataset(TISSUE, data=np.asarray(regions.tissue, dtype=np.float32))
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["target_mpp"] = regions.target_mpp
+    f.attrs["mpp"] = list(regions.slide_mpp)
+    f.attrs["region_px"] = regions.region_px
+    f.attrs["region_size_level0"] = list(regions.region_size)
+    f.attrs["grid_shape"] = list(regions.grid_shape)
+    f.attrs["slide_dimensions"] = list(regions.slide_dimensions)
 
 
 def write_coords(path: str | os.PathLike[str], regions: RegionGrid, *, name: str,
@@ -57,16 +104,240 @@ def write_coords(path: str | os.PathLike[str], regions: RegionGrid, *, name: str
     path = Path(path)
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
-            d = f.create_dataset(COORDS, data=np.asarray(regions.coords, dtype=np.int64))
-            for k, v in coords_attrs(regions, name, objective_power).items():
-                d.attrs[k] = v
-            f.create_dataset(GRID, data=np.asarray(regions.grid, dtype=np.int64))
-            f.create_dataset(TISSUE, data=np.asarray(regions.tissue, dtype=np.float32))
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["target_mpp"] = regions.target_mpp
-            f.attrs["mpp"] = list(regions.slide_mpp)
-            f.attrs["region_px"] = regions.region_px
-            f.attrs["region_size_level0"] = list(regions.region_size)
+            _write_regions(f, regions, name, objective_power)
             if config is not None:
                 f.attrs["config"] = json.dumps(config)
     return path
+
+
+def _attr_value(v: Any) -> Any:
+    """HDF5 attribute for a setting: numbers and lists of numbers as they are, anything else as JSON text."""
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) for x in v):
+        return np.asarray(v)
+    if isinstance(v, (dict, list, tuple)):
+        return json.dumps(v, default=str)
+    return v
+
+
+class CacheWriter:
+    """Write one slide's features batch by batch into a temporary file, renamed into place on success.
+
+    A killed process leaves only a ``.<slide_id>.h5.<pid>.tmp`` file, never a partial ``<slide_id>.h5``.
+
+    Examples
+    --------
+    >>> with CacheWriter(path, regions, feature_shape=(768,), settings=s, name="S1") as w:  # doctest: +SKIP
+    ...     for start, batch in batches:
+    ...         w.write(start, batch)
+    """
+
+    def __init__(self, path: str | os.PathLike[str], regions: RegionGrid, *, feature_shape: tuple[int, ...],
+                 settings: dict[str, Any], name: str, dtype: str = "float32",
+                 objective_power: float | None = None, extra_attrs: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self.regions = regions
+        self.feature_shape = tuple(int(v) for v in feature_shape)
+        self.settings = settings
+        self.name = name
+        self.dtype = np.dtype(dtype)
+        self.objective_power = objective_power
+        self.extra_attrs = extra_attrs or {}
+        self._written = np.zeros(len(regions), dtype=bool)
+        self._file: Any = None
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> "CacheWriter":
+        import h5py
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{os.getpid()}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        self._file = h5py.File(self.tmp, "w")
+        f = self._file
+        _write_regions(f, self.regions, self.name, self.objective_power)
+        n = len(self.regions)
+        chunk = (max(1, min(n, max(1, 2**20 // max(1, int(np.prod(self.feature_shape)) * self.dtype.itemsize)))),
+                 *self.feature_shape)
+        f.create_dataset(FEATURES, shape=(n, *self.feature_shape), dtype=self.dtype, chunks=chunk if n else None)
+        for k, v in self.settings.items():
+            f.attrs[k] = _attr_value(v)
+        f.attrs["features_kind"] = self.settings.get("features_kind", "pooled")
+        from xtpath import __version__
+
+        f.attrs["xtpath_version"] = __version__
+        f.attrs["config"] = json.dumps({**self.settings, **self.extra_attrs}, default=str)
+        for k, v in self.extra_attrs.items():
+            if v is not None:
+                f.attrs[k] = _attr_value(v)
+        return self
+
+    def write(self, start: int, batch: np.ndarray) -> None:
+        """Store features of regions ``start .. start + len(batch)``."""
+        batch = np.asarray(batch)
+        if batch.shape[1:] != self.feature_shape:
+            raise CacheError(f"{self.path}: feature batch of shape {batch.shape[1:]} does not match "
+                             f"{self.feature_shape}")
+        self._file[FEATURES][start:start + len(batch)] = batch.astype(self.dtype, copy=False)
+        self._written[start:start + len(batch)] = True
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self._file.close()
+        assert self.tmp is not None
+        if exc_type is None and self._written.all():
+            publish(self.tmp, self.path)
+            return
+        self.tmp.unlink(missing_ok=True)
+        if exc_type is None:
+            missing = int((~self._written).sum())
+            raise CacheError(f"{self.path}: {missing} of {len(self._written)} regions were not written")
+
+
+@dataclass
+class SlideFeatures:
+    """Features of one slide, however they were made.
+
+    Attributes
+    ----------
+    features : np.ndarray
+        ``(N, D)`` pooled vectors or ``(N, h, w, D)`` token grids.
+    coords : (N, 2) int64
+        Level-0 ``(x, y)`` of each region.
+    grid : (N, 2) int64
+        ``(row, col)`` of each region.
+    tissue : (N,) float32 or None
+    settings : dict
+        xtpath's settings (encoder, weights hash, mpp, ...); empty for foreign files.
+    source : str
+        ``"xtpath"``, ``"trident"`` or ``"clam"``.
+    attrs : dict
+        The ``coords`` attributes.
+    """
+
+    features: np.ndarray
+    coords: np.ndarray
+    grid: np.ndarray
+    tissue: np.ndarray | None
+    settings: dict[str, Any]
+    source: str
+    attrs: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def region_size_level0(self) -> float | None:
+        v = self.settings.get("region_size_level0") or self.attrs.get("patch_size_level0")
+        if v is None:
+            return None
+        return float(np.atleast_1d(v)[0])
+
+
+def _attr(v: Any) -> Any:
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, str) and v[:1] in "{[":
+        with contextlib.suppress(json.JSONDecodeError):
+            return json.loads(v)
+    return v
+
+
+def read_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """xtpath's settings stored in a cache file, or ``None`` when the file is not an xtpath cache."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "schema_version" not in f.attrs:
+                return None
+            return {k: _attr(v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise CacheError(f"{path}: not a readable HDF5 file ({e}); delete it or rerun with --overwrite") from e
+
+
+def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The key settings (:data:`KEY_FIELDS`) that differ, as ``"name: stored -> wanted"`` strings."""
+    diffs = []
+    for k in KEY_FIELDS:
+        a, b = stored.get(k), wanted.get(k)
+        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+            same = a is not None and b is not None and np.allclose(np.asarray(a, float), np.asarray(b, float))
+        elif isinstance(a, float) or isinstance(b, float):
+            same = a is not None and b is not None and abs(float(a) - float(b)) < 1e-9 * max(1.0, abs(float(b)))
+        else:
+            same = a == b
+        if not same:
+            diffs.append(f"{k}: {a!r} -> {b!r}")
+    return diffs
+
+
+def derive_grid(coords: np.ndarray, step: float | None = None) -> np.ndarray:
+    """``(row, col)`` of square regions from their level-0 ``(x, y)``.
+
+    ``step`` is the region side in level-0 pixels; without it, the smallest gap between distinct x or y values
+    is used (regions are square, so one adjacent pair in either direction is enough).
+    """
+    coords = np.asarray(coords, dtype=np.float64)
+    if len(coords) == 0:
+        return np.zeros((0, 2), np.int64)
+    if step is None:
+        gaps = np.concatenate([np.diff(np.unique(coords[:, a])) for a in (0, 1)])
+        gaps = gaps[gaps > 0.5]
+        step = float(gaps.min()) if len(gaps) else 1.0
+    origin = coords.min(axis=0)
+    cols = np.rint((coords[:, 0] - origin[0]) / step).astype(np.int64)
+    rows = np.rint((coords[:, 1] - origin[1]) / step).astype(np.int64)
+    return np.stack([rows, cols], axis=1)
+
+
+def load_features(path: str | os.PathLike[str], *, mmap: bool = False) -> SlideFeatures:
+    """Read a feature file written by xtpath, TRIDENT or CLAM.
+
+    Raises
+    ------
+    CacheError
+        Missing file, unreadable HDF5, or no ``coords``/``features`` datasets.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise CacheError(f"{path}: no such feature file; run `xtpath extract` first")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise CacheError(f"{path}: not a readable HDF5 file ({e}); delete it and extract again") from e
+    with f:
+        if COORDS not in f or FEATURES not in f:
+            raise CacheError(f"{path}: needs datasets 'coords' and 'features' (found: {', '.join(f.keys())})")
+        coords = np.asarray(f[COORDS][:], dtype=np.int64)
+        feats = f[FEATURES][:]
+        if feats.ndim == 3 and feats.shape[0] == 1 and coords.ndim == 3:  # CLAM/TRIDENT variants with batch dim
+            feats, coords = feats[0], coords[0]
+        attrs = {k: _attr(v) for k, v in f[COORDS].attrs.items()}
+        if "schema_version" in f.attrs:
+            settings = {k: _attr(v) for k, v in f.attrs.items()}
+            grid = np.asarray(f[GRID][:], dtype=np.int64)
+            tissue = np.asarray(f[TISSUE][:], dtype=np.float32) if TISSUE in f else None
+            source = "xtpath"
+        else:
+            settings = {}
+            tissue = None
+            step = None
+            if "patch_size_level0" in attrs:
+                source, step = "trident", float(attrs["patch_size_level0"])
+            else:
+                source = "clam"
+                if "patch_size" in attrs:
+                    ds = np.atleast_1d(attrs.get("downsample", [1.0]))
+                    step = float(attrs["patch_size"]) * float(ds[0])
+            grid = derive_grid(coords, step)
+    if len(feats) != len(coords):
+        raise CacheError(f"{path}: {len(feats)} feature rows but {len(coords)} coordinates")
+    return SlideFeatures(features=feats, coords=coords, grid=grid, tissue=tissue, settings=settings, source=source,
+                         attrs=attrs, path=path)

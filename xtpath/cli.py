@@ -195,6 +195,133 @@ def tile(
         typer.echo(f"  coordinates: {out}")
 
 
+class Features(str, Enum):
+    pooled = "pooled"
+    tokens = "tokens"
+
+
+def parse_devices(spec: str) -> list[str]:
+    """``auto`` | ``cpu`` | ``0,1`` | ``cuda:0,cuda:1`` -> torch device strings (checks CUDA is there)."""
+    import torch
+
+    from xtpath.errors import InvalidParameterError
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return ["cuda:0"] if torch.cuda.is_available() else ["cpu"]
+    if spec == "cpu":
+        return ["cpu"]
+    devs = []
+    for part in spec.split(","):
+        part = part.strip()
+        idx = part.split(":", 1)[1] if part.startswith("cuda:") else part
+        if not idx.isdigit():
+            raise InvalidParameterError(f"--devices {spec!r}: use auto, cpu, or GPU numbers such as 0,1")
+        devs.append(f"cuda:{int(idx)}")
+    n = torch.cuda.device_count()
+    bad = [d for d in devs if int(d.split(":")[1]) >= n]
+    if bad:
+        raise InvalidParameterError(f"--devices {spec!r}: this machine has {n} CUDA device(s); use --devices cpu "
+                                    "or existing GPU numbers")
+    return devs
+
+
+class _ExtractProgress:
+    """Progress bar (slides done, regions/s) on stderr, plus one log line per slide."""
+
+    def __init__(self, n_slides: int) -> None:
+        import time
+
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._time = time.perf_counter
+        self.console = Console(stderr=True, log_path=False)
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=self.console)
+        self.task = self.bar.add_task("slides", total=n_slides, rate="")
+        self.n_regions, self.t0 = 0, self._time()
+
+    def __enter__(self) -> "_ExtractProgress":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def __call__(self, event: str, data: dict) -> None:
+        if event == "regions":
+            self.n_regions += data["n"]
+            rate = self.n_regions / max(self._time() - self.t0, 1e-9)
+            self.bar.update(self.task, rate=f"{self.n_regions} regions, {rate:.1f} regions/s")
+        elif event == "slide_done":
+            sid, status = data["slide_id"], data["status"]
+            if status == "done":
+                self.bar.console.log(f"{sid}: {data['regions']} regions in {data['seconds']:.1f} s")
+            elif status == "failed":
+                self.bar.console.log(f"[red]{sid}: FAILED[/red] {data['message']}")
+            elif status == "busy":
+                self.bar.console.log(f"{sid}: being extracted by another process, skipped")
+            else:
+                self.bar.console.log(f"{sid}: already cached, skipped")
+            self.bar.advance(self.task)
+
+
+@app.command()
+def extract(
+    slides: Annotated[Path, typer.Argument(help="Slides CSV: slide_id,path[,mpp,...] (paths relative to the CSV).",
+                                           show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder: <slide_id>.h5 per slide, failures.csv.")],
+    encoder: Annotated[str, typer.Option(help="timm model name or alias (uni, ...); see README.")] = "resnet18",
+    weights: Annotated[Optional[Path], typer.Option(help="Local weights (.safetensors, .pth, .bin). Without: random "
+                                                         "init, for tests and demos only.")] = None,
+    features: Annotated[Features, typer.Option(help="pooled: one vector per region; tokens: the region's token grid "
+                                                    "(xT's input).")] = Features.pooled,
+    target_mpp: Annotated[float, typer.Option(help="Microns per pixel of the regions (0.5 is about 20x).")] = 0.5,
+    region_px: Annotated[int, typer.Option(help="Region side in pixels at --target-mpp.")] = 256,
+    encoder_px: Annotated[Optional[int], typer.Option(help="Encoder input side (default: the model's).")] = None,
+    devices: Annotated[str, typer.Option(help="auto, cpu, or GPU numbers (0,1): one process per GPU.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Regions per encoder batch.")] = 32,
+    workers: Annotated[Optional[int], typer.Option(help="Reader processes per device (default: cores - 1).")] = None,
+    preset: Annotated[Preset, typer.Option(help="Tissue detector preset.")] = Preset.default,
+    tissue_mode: Annotated[Mode, typer.Option(help="Tissue detector mode.")] = Mode.auto,
+    min_tissue: Annotated[float, typer.Option(help="Keep regions with at least this tissue fraction.")] = 0.25,
+    edge: Annotated[Edge, typer.Option(help="Partial regions at the slide edge: pad or drop.")] = Edge.pad,
+    order: Annotated[Order, typer.Option(help="Region order in the cache file.")] = Order.raster,
+    dtype: Annotated[Optional[str], typer.Option(help="Stored feature type: float32 or float16 (default: float32 "
+                                                      "pooled, float16 tokens).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo slides that are cached already (also those "
+                                                                "made with other settings).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the random init when no --weights.")] = 0,
+) -> None:
+    """Encode every tissue region of every slide and cache the features per slide (resumes by default)."""
+    from xtpath.errors import InvalidParameterError
+    from xtpath.extract import FAILURES_CSV, ExtractConfig, extract_slides
+    from xtpath.io import read_slides_csv
+
+    if dtype not in (None, "float32", "float16"):
+        raise InvalidParameterError(f"--dtype {dtype!r}: use float32 or float16")
+    rows = read_slides_csv(slides)
+    devs = parse_devices(devices)
+    cfg = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, features=features.value,
+                        target_mpp=target_mpp, region_px=region_px, encoder_px=encoder_px,
+                        tissue_preset=preset.value, tissue_mode=tissue_mode.value, min_tissue=min_tissue,
+                        edge=edge.value, order=order.value, batch_size=batch_size, num_workers=workers,
+                        dtype=dtype, overwrite=overwrite, seed=seed)
+    if weights is None:
+        typer.echo(f"warning: no --weights: {encoder} is randomly initialised; its features mean nothing "
+                   "outside tests and demos", err=True)
+    with _ExtractProgress(len(rows)) as prog:
+        summary = extract_slides(rows, out, cfg, devices=devs, progress=prog)
+    rate = summary.regions / summary.seconds if summary.seconds else 0.0
+    typer.echo(f"{len(summary.done)} extracted ({summary.regions} regions, {rate:.1f} regions/s), "
+               f"{len(summary.skipped)} cached, {len(summary.busy)} in progress elsewhere, "
+               f"{len(summary.failed)} failed -> {out}")
+    if summary.failed:
+        typer.echo(f"failures are listed in {Path(out) / FAILURES_CSV}", err=True)
+        raise typer.Exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning xtpath errors into one-line messages and exit status 1.
 
@@ -205,7 +332,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except XtpathError as e:
-        _echo_err(str(e))
+        for line in str(e).splitlines():  # a slides CSV reports every bad row, one per line
+            _echo_err(line)
         sys.exit(1)
 
 

@@ -3,10 +3,11 @@
 Two detectors:
 
 * ``"he"`` (brightfield, e.g. H&E or IHC): tissue is coloured, glass is white. Saturation (HSV), median
-  smoothing, Otsu threshold (never below ``min_saturation``), morphological closing, removal of small objects
-  and small holes. This is CLAM's recipe with sizes in microns instead of pixels of some pyramid level.
-* ``"fluorescence"``: tissue is bright on a dark background. Grey level, median smoothing, Otsu threshold (never
-  below ``min_intensity``), then the same clean-up.
+  smoothing, Otsu threshold kept between ``min_saturation`` and ``max_saturation`` (so that a slide that is all
+  tissue is not split in two), morphological closing, removal of small objects and small holes. This is CLAM's
+  recipe with sizes in microns instead of pixels of some pyramid level.
+* ``"fluorescence"``: tissue is bright on a dark background. Grey level, median smoothing, Otsu threshold kept
+  between ``min_intensity`` and ``max_intensity``, then the same clean-up.
 
 ``mode="auto"`` picks fluorescence when the slide is mostly dark. The mask is computed from a whole-slide read
 at ``mask_mpp``, which :meth:`xtpath.io.Slide.read_region` serves from the coarsest suitable pyramid level in
@@ -44,8 +45,13 @@ class TissueParams:
     """Resolution of the mask in microns per pixel (coarser if the slide itself is coarser)."""
     min_saturation: float = 0.05
     """H&E: lowest saturation threshold (0..1), so that an empty slide gives an empty mask."""
+    max_saturation: float = 0.15
+    """H&E: highest saturation threshold, so that a slide (or crop) that is all tissue is not split in two by
+    Otsu's method, which assumes tissue and glass are both present."""
     min_intensity: float = 0.08
     """Fluorescence: lowest grey-level threshold (0..1)."""
+    max_intensity: float = 0.3
+    """Fluorescence: highest grey-level threshold (0..1)."""
     median_um: float = 48.0
     """Width of the median filter applied before thresholding, in microns."""
     close_um: float = 32.0
@@ -110,8 +116,10 @@ class TissueMask:
 
     @property
     def area_mm2(self) -> float:
-        """Tissue area in mm²."""
-        return float(self.mask.sum()) * self.mpp[0] * self.mpp[1] / 1e6
+        """Tissue area in mm² (inside the slide: the last mask row and column may reach past its edge)."""
+        W, H = self.slide_dimensions
+        level0_um2 = (self.mpp[0] / self.downsample[0]) * (self.mpp[1] / self.downsample[1])
+        return float(self.fraction(np.array([[0.0, 0.0, W, H]]))[0]) * W * H * level0_um2 / 1e6
 
     @property
     def empty(self) -> bool:
@@ -225,10 +233,10 @@ def detect_tissue(slide: Slide, params: TissueParams | None = None, *, preset: s
         mode = "fluorescence" if float(np.median(img.mean(axis=2))) < 0.3 * 255 else "he"
     if mode == "he":
         signal = rgb2hsv(img)[..., 1]
-        floor = p.min_saturation
+        floor, cap = p.min_saturation, p.max_saturation
     elif mode == "fluorescence":
         signal = img.astype(np.float32).max(axis=2) / 255.0
-        floor = p.min_intensity
+        floor, cap = p.min_intensity, p.max_intensity
     else:
         raise InvalidParameterError(f"tissue mode {p.mode!r} is unknown; use auto, he or fluorescence")
     k = _disk_px(p.median_um, mask_mpp) * 2 + 1
@@ -238,7 +246,7 @@ def detect_tissue(slide: Slide, params: TissueParams | None = None, *, preset: s
         thr = float(threshold_otsu(signal)) if float(signal.max()) > float(signal.min()) else 1.0
     except ValueError:
         thr = 1.0
-    thr = max(thr, floor)
+    thr = min(max(thr, floor), max(cap, floor))
     mask = signal > thr
     r = _disk_px(p.close_um * 2, mask_mpp)
     if r > 0 and mask.any():

@@ -154,13 +154,19 @@ def test_squares_land_where_they_are_at_every_level(squares_pyramid, backend):
 def test_read_at_mpp_is_the_same_from_every_level(squares_pyramid):
     s = open_slide(squares_pyramid.path)
     x, y, side = squares_pyramid.squares[-1]  # far corner: where mis-scaled levels drift most
-    reads = [s.read_region((x - 40, y - 40), (44, 44), mpp=1.0, source_level=lv) for lv in range(3)]
+    reads = [s.read_region((x - 40, y - 40), (44, 44), mpp=1.0, source_level=lv).astype(int) for lv in range(3)]
+    # output pixel j covers level-0 [x - 40 + 4j, x - 36 + 4j): the square spans j = 10 .. 33; keep 3 pixels
+    # away from its edges, where a coarse level blurs the edge and the Lanczos filter rings
+    j = np.arange(44)
+    away = (np.abs(j - 10) > 3) & (np.abs(j - 34) > 3)
+    far = away[:, None] & away[None, :]
+    inside = ((j > 13) & (j < 31))[:, None] & ((j > 13) & (j < 31))[None, :]
     for r in reads:
-        # the inside of the square is the square's colour, the outside white, whichever level served it
-        assert np.abs(r[22, 22].astype(int) - squares_pyramid.color).max() <= 2
-        assert (r[2, 2] == 255).all() and (r[40, 5] == 255).all()
-        # differences only where a coarse level blurs an edge that falls inside one of its pixels
-        assert np.abs(r.astype(int) - reads[0].astype(int)).mean() < 4.0
+        # inside the square its colour, outside white, whichever level served it ...
+        assert np.abs(r[inside] - squares_pyramid.color).max() <= 2
+        assert (r[far & ~inside] >= 250).all()  # white, but for the filter's faint ringing
+        # ... and the reads differ only next to the edges (which a coarse level blurs)
+        assert np.abs(r[far] - reads[0][far]).max() <= 5
 
 
 def test_native_level_read_is_an_exact_crop(squares_pyramid):

@@ -1,0 +1,122 @@
+"""Region encoders: timm models built offline, local weights, pooled vectors and token grids."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import pytest
+import torch
+
+from xtpath.errors import CheckpointError, InvalidParameterError
+from xtpath.models.encoders import ALIASES, RegionEncoder, resolve_encoder
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def _pixels(n, side, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, side, side, 3), dtype=torch.uint8, generator=g)
+
+
+@pytest.mark.parametrize("name,grid", [("test_convnext", (2, 2)), ("test_vit", (4, 4))])
+def test_tokens_of_a_2x2_region_are_its_subregions_stitched(name, grid):
+    enc = RegionEncoder(name, features="tokens", input_px=64).eval()
+    assert enc.token_grid == grid and enc.feature_shape(2) == (2 * grid[0], 2 * grid[1], enc.out_dim)
+    x = _pixels(3, 128)
+    with torch.inference_mode():
+        whole = enc(x)
+        tl = enc(x[:, :64, :64].contiguous())
+        br = enc(x[:, 64:, 64:].contiguous())
+    h, w = grid
+    assert whole.shape == (3, 2 * h, 2 * w, enc.out_dim)
+    assert torch.allclose(whole[:, :h, :w], tl, atol=1e-5)
+    assert torch.allclose(whole[:, h:, w:], br, atol=1e-5)
+
+
+def test_pooled_of_a_2x2_region_is_the_mean():
+    enc = RegionEncoder("test_resnet", input_px=64).eval()
+    x = _pixels(2, 128, seed=3)
+    with torch.inference_mode():
+        whole = enc(x)
+        parts = torch.stack([enc(x[:, i:i + 64, j:j + 64].contiguous()) for i in (0, 64) for j in (0, 64)])
+    assert whole.shape == (2, enc.out_dim)
+    assert torch.allclose(whole, parts.mean(0), atol=1e-5)
+
+
+def test_normalisation_comes_from_the_timm_config():
+    enc = RegionEncoder("test_vit", input_px=64)
+    import timm
+
+    cfg = timm.data.resolve_data_config({}, model=enc.model)
+    x = torch.full((1, 64, 64, 3), 255, dtype=torch.uint8)
+    expected = (1.0 - torch.tensor(cfg["mean"])) / torch.tensor(cfg["std"])
+    assert torch.allclose(enc.normalize(x)[0, :, 0, 0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pth"])
+def test_weights_from_a_local_file(tmp_path, fmt):
+    src = RegionEncoder("test_convnext", input_px=64, seed=7).eval()
+    path = tmp_path / f"w.{fmt}"
+    sd = {k: v.clone() for k, v in src.model.state_dict().items()}
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    else:  # a training checkpoint with a wrapper and DataParallel prefixes
+        torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
+    dst = RegionEncoder("test_convnext", weights=path, input_px=64, seed=123).eval()
+    x = _pixels(2, 64)
+    with torch.inference_mode():
+        assert torch.equal(src(x), dst(x))
+    assert dst.weights_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert RegionEncoder("test_convnext", input_px=64).weights_sha256 == "random-init:seed=0"
+
+
+def test_wrong_or_unsafe_weights_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    vit = RegionEncoder("test_vit", input_px=64)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.model.state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match=r"vit.safetensors: weights do not fit encoder 'test_convnext'.*missing"):
+        RegionEncoder("test_convnext", weights=path, input_px=64)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    bad = tmp_path / "evil.pth"
+    torch.save({"x": Evil()}, bad)
+    with pytest.raises(CheckpointError, match="evil.pth: cannot read weights"):
+        RegionEncoder("test_convnext", weights=bad, input_px=64)
+    with pytest.raises(CheckpointError, match="weights file not found"):
+        RegionEncoder("test_convnext", weights=tmp_path / "nope.pth")
+
+
+def test_unknown_encoder_lists_choices():
+    with pytest.raises(InvalidParameterError) as e:
+        resolve_encoder("resnet_18")
+    msg = str(e.value)
+    assert "uni" in msg and "resnet18" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("alias,dim", [("uni", 1024), ("uni2-h", 1536), ("gigapath", 1536), ("h-optimus-0", 1536),
+                                       ("virchow2", 1280), ("lunit-vits16", 384), ("kaiko-vitb16", 768)])
+def test_foundation_model_aliases_build_offline(alias, dim):
+    """Each alias is a valid timm recipe (built on the meta device: no memory, no download)."""
+    import timm
+
+    from xtpath.models.encoders import _layer_kwargs
+
+    spec = ALIASES[alias]
+    with torch.device("meta"):
+        m = timm.create_model(spec.arch, pretrained=False, num_classes=0, img_size=spec.input_px,
+                              **_layer_kwargs(spec.kwargs))
+    assert m.num_features == dim
+    assert sum(p.numel() for p in m.parameters()) > 20e6

@@ -1,0 +1,472 @@
+"""``xtpath extract``: every tissue region of every slide through the region encoder, cached per slide in HDF5.
+
+The pipeline per slide: tissue mask and region grid (main process) -> DataLoader worker processes read and decode
+regions (each worker opens the slide itself) -> the main process encodes batches under ``torch.inference_mode``
+(bf16/fp16 autocast and channels-last on GPU) -> features are written into a temporary HDF5 file that is renamed
+into place when complete.
+
+Reliability: a slide whose cache exists with the same settings is skipped (resume); a cache made with other
+settings stops the run before any work unless ``overwrite``; a slide that fails (corrupt, no mpp, no tissue) is
+written to ``CACHE_DIR/failures.csv`` and the batch goes on; a lock file per slide lets several processes (or
+machines sharing a folder) work on the same CSV without doing a slide twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import math
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xtpath.cache import CacheWriter, cache_path, read_settings, settings_differences
+from xtpath.errors import CacheError, InvalidParameterError, XtpathError
+from xtpath.io import SlideRow, open_slide
+from xtpath.io.files import atomic_path
+from xtpath.tiling import RegionGrid, make_region_grid
+from xtpath.tissue import TissueParams, detect_tissue, tissue_params
+
+__all__ = ["ExtractConfig", "ExtractSummary", "extract_slides", "plan_slide", "wanted_settings",
+           "encoder_settings", "FAILURES_CSV"]
+
+FAILURES_CSV = "failures.csv"
+_FAILURE_FIELDS = ("slide_id", "path", "error", "message", "time")
+
+
+@dataclass
+class ExtractConfig:
+    """Settings of an extraction run (the CLI options of ``xtpath extract``)."""
+
+    encoder: str = "resnet18"
+    """timm model name or alias (``uni``, ...)."""
+    weights: str | None = None
+    """Local weights file; None = random init (tests and demos only)."""
+    features: str = "pooled"
+    """``pooled`` (one vector per region) or ``tokens`` (the region's token grid)."""
+    target_mpp: float = 0.5
+    """Microns per pixel of the regions."""
+    region_px: int = 256
+    """Region side in pixels at ``target_mpp``."""
+    encoder_px: int | None = None
+    """Encoder input side (default: the model's)."""
+    tissue_preset: str = "default"
+    """Tissue detector preset."""
+    tissue_mode: str = "auto"
+    """Tissue detector mode (auto, he, fluorescence)."""
+    min_tissue: float = 0.25
+    """Smallest tissue fraction of a kept region."""
+    edge: str = "pad"
+    """Partial edge regions: pad or drop."""
+    order: str = "raster"
+    """Region order in the file: raster or hilbert."""
+    batch_size: int = 32
+    """Regions per encoder batch."""
+    num_workers: int | None = None
+    """Reader processes per device (default: CPU cores - 1, at least 1, at most 8)."""
+    dtype: str | None = None
+    """Stored feature type (default float32 for pooled, float16 for tokens)."""
+    overwrite: bool = False
+    """Redo slides whose cache exists (also when made with other settings)."""
+    seed: int = 0
+    """Seed of the random init when no weights are given."""
+
+    def tissue(self) -> TissueParams:
+        return tissue_params(self.tissue_preset, mode=self.tissue_mode)
+
+    def tissue_settings(self) -> dict[str, Any]:
+        return {"params": asdict(self.tissue()), "min_tissue": self.min_tissue, "edge": self.edge}
+
+
+@dataclass
+class ExtractSummary:
+    """What a run did, per slide id."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    busy: list[str] = field(default_factory=list)
+    regions: int = 0
+    seconds: float = 0.0
+
+    def merge(self, other: "ExtractSummary") -> None:
+        self.done += other.done
+        self.skipped += other.skipped
+        self.failed.update(other.failed)
+        self.busy += other.busy
+        self.regions += other.regions
+
+
+# -- settings -------------------------------------------------------------------------------------------------------
+
+def encoder_settings(cfg: ExtractConfig) -> dict[str, Any]:
+    """The encoder part of a cache's key, computed without building the model."""
+    import timm
+
+    from xtpath.models.encoders import file_sha256, resolve_encoder
+
+    spec = resolve_encoder(cfg.encoder)
+    px = cfg.encoder_px or spec.input_px
+    if px is None:
+        pcfg = timm.models.get_pretrained_cfg(spec.arch)
+        px = int(pcfg.input_size[-1]) if pcfg is not None else 224
+    sha = file_sha256(cfg.weights) if cfg.weights else f"random-init:seed={cfg.seed}"
+    return {"encoder": cfg.encoder, "weights_sha256": sha, "features_kind": cfg.features, "encoder_px": int(px)}
+
+
+def wanted_settings(cfg: ExtractConfig, enc: dict[str, Any], slide_mpp: tuple[float, float]) -> dict[str, Any]:
+    """Everything that identifies a slide's cache (see :data:`xtpath.cache.KEY_FIELDS`)."""
+    from xtpath.cache import SCHEMA_VERSION
+
+    return {"schema_version": SCHEMA_VERSION, **enc, "mpp": [float(slide_mpp[0]), float(slide_mpp[1])],
+            "target_mpp": float(cfg.target_mpp), "region_px": int(cfg.region_px), "tissue": cfg.tissue_settings()}
+
+
+# -- locks and the failures file ---------------------------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _slide_lock(cache_dir: Path, slide_id: str) -> Iterator[bool]:
+    """Hold ``CACHE_DIR/.locks/<slide_id>.lock`` while working on a slide; yields False if another live process
+    holds it. A lock left by a dead process on this host is taken over."""
+    d = cache_dir / ".locks"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{slide_id}.lock"
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, pid = path.read_text().split()[:2]
+            except (OSError, ValueError):
+                host, pid = "", "0"
+            if host == socket.gethostname() and not _pid_alive(int(pid)):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                continue
+            yield False
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        try:
+            yield True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        return
+    yield False
+
+
+@contextlib.contextmanager
+def _failures_locked(cache_dir: Path) -> Iterator[Path]:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".failures.lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        try:
+            yield cache_dir / FAILURES_CSV
+        finally:
+            fcntl.flock(lk, fcntl.LOCK_UN)
+
+
+def _rewrite_failures(cache_dir: Path, slide_id: str, new: dict[str, str] | None) -> None:
+    with _failures_locked(cache_dir) as path:
+        rows: list[dict[str, str]] = []
+        if path.exists():
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("slide_id") != slide_id]
+        if new is not None:
+            rows.append(new)
+        if not rows and not path.exists():
+            return
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=_FAILURE_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+
+
+def record_failure(cache_dir: Path, row: SlideRow, err: BaseException) -> str:
+    """Write (or replace) the slide's line in ``failures.csv`` and return the one-line reason."""
+    msg = _one_line(err)
+    _rewrite_failures(cache_dir, row.slide_id, {"slide_id": row.slide_id, "path": str(row.path),
+                                                "error": type(err).__name__, "message": msg,
+                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return msg
+
+
+def clear_failure(cache_dir: Path, slide_id: str) -> None:
+    _rewrite_failures(cache_dir, slide_id, None)
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip()
+    if "Original Traceback" in text:  # an error re-raised from a DataLoader worker: keep its last line
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split()) or type(err).__name__
+
+
+# -- per-slide work ---------------------------------------------------------------------------------------------
+
+class _RegionDataset:
+    """Regions of one slide as uint8 ``(S, S, 3)`` tensors; the slide reopens itself in each worker process."""
+
+    def __init__(self, slide: Any, locations: np.ndarray, read_mpp: float, read_px: int) -> None:
+        self.slide, self.locations, self.read_mpp, self.read_px = slide, locations, read_mpp, read_px
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def __getitem__(self, i: int) -> Any:
+        import torch
+
+        x, y = self.locations[i]
+        px = self.slide.read_region((float(x), float(y)), (self.read_px, self.read_px), mpp=self.read_mpp)
+        return torch.from_numpy(px)
+
+
+def plan_slide(row: SlideRow, cfg: ExtractConfig, encoder_px: int) -> tuple[Any, RegionGrid]:
+    """Open a slide, find its tissue and cut its region grid (raises :class:`XtpathError` subclasses)."""
+    slide = open_slide(row.path, mpp=row.mpp)
+    slide.require_mpp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no tissue" is reported below as a failure
+        tm = detect_tissue(slide, cfg.tissue(), keep_image=False)
+    regions = make_region_grid(slide.dimensions, slide.mpp, cfg.target_mpp, cfg.region_px, encoder_px=encoder_px,
+                               tissue=tm, min_tissue=cfg.min_tissue, edge=cfg.edge, order=cfg.order)  # type: ignore
+    if len(regions) == 0:
+        raise NoTissueError(f"{row.path}: no region has at least {cfg.min_tissue:.0%} tissue "
+                            f"(tissue area {tm.area_mm2:.3f} mm²); check the slide or lower --min-tissue")
+    return slide, regions
+
+
+class NoTissueError(XtpathError):
+    """A slide gives no tissue region."""
+
+
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def _autocast(device: Any) -> Any:
+    import torch
+
+    if device.type == "cuda":
+        dt = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dt)
+    return contextlib.nullcontext()
+
+
+def _encode_slide(row: SlideRow, encoder: Any, cfg: ExtractConfig, cache_dir: Path, enc: dict[str, Any],
+                  progress: Progress, num_workers: int) -> int:
+    import torch
+    from torch.utils.data import DataLoader
+
+    slide, regions = plan_slide(row, cfg, encoder.input_px)
+    wanted = wanted_settings(cfg, enc, slide.mpp)
+    k = regions.subregions_per_side
+    dataset = _RegionDataset(slide, regions.locations(), regions.read_mpp, regions.read_px)
+    device = next(encoder.parameters()).device
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=num_workers, shuffle=False,  # type: ignore
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
+    dtype = cfg.dtype or ("float16" if cfg.features == "tokens" else "float32")
+    progress("slide_start", {"slide_id": row.slide_id, "regions": len(regions)})
+    extra = {"slide_id": row.slide_id, "slide_path": str(row.path), "read_mpp": regions.read_mpp,
+             "subregions_per_side": k, "token_grid": list(encoder.token_grid) if encoder.token_grid else None,
+             "order": regions.order}
+    with CacheWriter(cache_path(cache_dir, row.slide_id), regions, feature_shape=encoder.feature_shape(k),
+                     settings=wanted, name=row.slide_id, dtype=dtype, objective_power=slide.objective_power,
+                     extra_attrs=extra) as writer:
+        start = 0
+        with torch.inference_mode(), _autocast(device):
+            for batch in loader:
+                feats = encoder(batch.to(device, non_blocking=True))
+                writer.write(start, feats.float().cpu().numpy())
+                start += len(batch)
+                progress("regions", {"n": len(batch)})
+    return len(regions)
+
+
+def _default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def _work(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: Path, device: str, enc_settings: dict[str, Any],
+          progress: Progress) -> ExtractSummary:
+    """Extract ``rows`` on one device in this process."""
+    import torch
+
+    from xtpath.models.encoders import build_region_encoder
+
+    summary = ExtractSummary()
+    encoder = None
+    workers = cfg.num_workers if cfg.num_workers is not None else _default_workers()
+    for row in rows:
+        out = cache_path(cache_dir, row.slide_id)
+        if out.exists() and not cfg.overwrite:
+            summary.skipped.append(row.slide_id)
+            progress("slide_done", {"slide_id": row.slide_id, "status": "cached"})
+            continue
+        with _slide_lock(cache_dir, row.slide_id) as mine:
+            if not mine:
+                summary.busy.append(row.slide_id)
+                progress("slide_done", {"slide_id": row.slide_id, "status": "busy"})
+                continue
+            if out.exists() and not cfg.overwrite:  # finished by another process meanwhile
+                summary.skipped.append(row.slide_id)
+                progress("slide_done", {"slide_id": row.slide_id, "status": "cached"})
+                continue
+            try:
+                if encoder is None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", UserWarning)
+                        encoder = build_region_encoder(cfg.encoder, cfg.weights, features=cfg.features,  # type: ignore
+                                                       input_px=enc_settings["encoder_px"], device=device,
+                                                       seed=cfg.seed)
+                    if torch.device(device).type == "cuda":
+                        encoder = encoder.to(memory_format=torch.channels_last)
+                t0 = time.perf_counter()
+                n = _encode_slide(row, encoder, cfg, cache_dir, enc_settings, progress, workers)
+                summary.done.append(row.slide_id)
+                summary.regions += n
+                clear_failure(cache_dir, row.slide_id)
+                progress("slide_done", {"slide_id": row.slide_id, "status": "done", "regions": n,
+                                        "seconds": time.perf_counter() - t0})
+            except (XtpathError, OSError, RuntimeError, ValueError) as e:
+                if isinstance(e, RuntimeError) and not _is_worker_error(e):
+                    raise
+                msg = record_failure(cache_dir, row, e)
+                summary.failed[row.slide_id] = msg
+                progress("slide_done", {"slide_id": row.slide_id, "status": "failed", "message": msg})
+    return summary
+
+
+def _is_worker_error(e: BaseException) -> bool:
+    return "DataLoader worker" in str(e) or "Original Traceback" in str(e)
+
+
+def preflight(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: Path, enc: dict[str, Any]) -> None:
+    """Stop before any work if a cache exists with other settings (unless ``overwrite``): all at once."""
+    if cfg.overwrite:
+        return
+    problems = []
+    for row in rows:
+        path = cache_path(cache_dir, row.slide_id)
+        if not path.exists():
+            continue
+        stored = read_settings(path)
+        if stored is None:
+            problems.append(f"{path}: not an xtpath cache (no settings)")
+            continue
+        try:
+            mpp = open_slide(row.path, mpp=row.mpp).require_mpp()
+        except XtpathError:
+            continue  # the slide itself is the problem; it will be reported as a failure
+        diffs = settings_differences(stored, wanted_settings(cfg, enc, mpp))
+        if diffs:
+            problems.append(f"{path}: made with other settings ({'; '.join(diffs)})")
+    if problems:
+        raise CacheError("\n".join(problems) + "\nrerun with --overwrite to redo these slides, or use another --out")
+
+
+def _device_worker(rank: int, rows: list[SlideRow], cfg: ExtractConfig, cache_dir: Path, devices: list[str],
+                   enc: dict[str, Any], queue: Any) -> None:
+    mine = [r for i, r in enumerate(rows) if i % len(devices) == rank]
+
+    def progress(event: str, data: dict[str, Any]) -> None:
+        queue.put((event, data))
+
+    summary = _work(mine, cfg, cache_dir, devices[rank], enc, progress)
+    queue.put(("summary", asdict(summary)))
+
+
+def extract_slides(rows: Sequence[SlideRow], cache_dir: str | os.PathLike[str], cfg: ExtractConfig, *,
+                   devices: Sequence[str] = ("cpu",), progress: Progress | None = None) -> ExtractSummary:
+    """Extract features of ``rows`` into ``cache_dir``.
+
+    Parameters
+    ----------
+    rows : sequence of SlideRow
+        From :func:`xtpath.io.read_slides_csv`.
+    cache_dir : path-like
+        Output folder: ``<slide_id>.h5`` per slide and ``failures.csv``.
+    cfg : ExtractConfig
+    devices : sequence of str
+        ``["cpu"]``, ``["cuda:0"]``, or several CUDA devices: one process per device, slides divided among them.
+    progress : callable, optional
+        ``progress(event, data)`` with events ``slide_start``, ``regions``, ``slide_done``.
+
+    Raises
+    ------
+    CacheError
+        Before any work, when caches exist with other settings and ``overwrite`` is False.
+    """
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    if cfg.features not in ("pooled", "tokens"):
+        raise InvalidParameterError(f"--features {cfg.features!r}: use pooled or tokens")
+    if not (isinstance(cfg.region_px, int) and cfg.region_px > 0) or not cfg.target_mpp > 0:
+        raise InvalidParameterError("--region-px and --target-mpp must be positive")
+    enc = encoder_settings(cfg)
+    preflight(rows, cfg, cache, enc)
+    _clean_stale_temp(cache)
+    progress = progress or (lambda event, data: None)
+    t0 = time.perf_counter()
+    devices = list(devices)
+    if len(devices) <= 1:
+        summary = _work(list(rows), cfg, cache, devices[0] if devices else "cpu", enc, progress)
+    else:
+        import torch.multiprocessing as tmp
+
+        ctx = tmp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_device_worker, args=(r, list(rows), cfg, cache, devices, enc, queue))
+                 for r in range(len(devices))]
+        for p in procs:
+            p.start()
+        summary = ExtractSummary()
+        pending = len(procs)
+        while pending:
+            event, data = queue.get()
+            if event == "summary":
+                summary.merge(ExtractSummary(**data))
+                pending -= 1
+            else:
+                progress(event, data)
+        for p in procs:
+            p.join()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _clean_stale_temp(cache: Path) -> None:
+    """Remove ``.<slide>.h5.<pid>.<rand>.tmp`` files left by killed runs of this host."""
+    for tmp in cache.glob(".*.h5.*.tmp"):
+        parts = tmp.name.split(".")
+        try:
+            pid = int(parts[-3])
+        except (ValueError, IndexError):
+            continue
+        if not _pid_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+
+def regions_per_second(summary: ExtractSummary) -> float:
+    return summary.regions / summary.seconds if summary.seconds > 0 else math.nan
