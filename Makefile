@@ -20,15 +20,14 @@ $(VENV)/.installed-base: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed-base
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,napari,workflows]"
+	$(PY) -m pip install -q -e plugins/napari_xt
 	touch $@
 
 install: $(VENV)/.installed-base
 
 demo: $(VENV)/.installed-base
-	$(VENV)/bin/xtpath info tests/data/CMU-1-Small-Region.svs
-	$(VENV)/bin/xtpath tissue tests/data/CMU-1-Small-Region.svs --out demo_out
-	$(VENV)/bin/xtpath tile tests/data/CMU-1-Small-Region.svs --target-mpp 0.5 --region-px 256 --out demo_out/CMU-1-Small-Region_regions.h5
+	$(VENV)/bin/xtpath demo --out demo_out
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -59,6 +59,10 @@ MppOpt = Annotated[Optional[float], typer.Option(
     "--mpp", help="Microns per level-0 pixel, overriding the file (needed when the file has none).")]
 
 
+# exit status when the batch finished but some slides failed (they are listed in failures.csv)
+EXIT_SLIDES_FAILED = 3
+
+
 def _echo_err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
@@ -226,6 +230,22 @@ def parse_devices(spec: str) -> list[str]:
     return devs
 
 
+OnlyOpt = Annotated[Optional[list[str]], typer.Option(
+    "--only", help="Process only this slide_id of the CSV (repeatable).")]
+
+
+def _only(rows: list, only: Optional[list[str]]) -> list:
+    if not only:
+        return rows
+    from xtpath.errors import InvalidParameterError
+
+    ids = {r.slide_id for r in rows}
+    unknown = [o for o in only if o not in ids]
+    if unknown:
+        raise InvalidParameterError(f"--only {', '.join(unknown)}: no such slide_id in the CSV")
+    return [r for r in rows if r.slide_id in set(only)]
+
+
 class _ExtractProgress:
     """Progress bar (slides done, regions/s) on stderr, plus one log line per slide."""
 
@@ -293,21 +313,36 @@ def extract(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo slides that are cached already (also those "
                                                                 "made with other settings).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random init when no --weights.")] = 0,
+    like: Annotated[Optional[Path], typer.Option(help="Take the encoder and region settings of this trained run "
+                                                      "(its extract.json), for the features it was trained on.")]
+    = None,
+    only: OnlyOpt = None,
 ) -> None:
-    """Encode every tissue region of every slide and cache the features per slide (resumes by default)."""
+    """Encode every tissue region of every slide and cache the features per slide (resumes by default).
+
+    Exit status 0 when every slide is cached, 3 when some failed (listed in OUT/failures.csv), 1 on errors.
+    """
     from xtpath.errors import InvalidParameterError
     from xtpath.extract import FAILURES_CSV, ExtractConfig, extract_slides
     from xtpath.io import read_slides_csv
 
     if dtype not in (None, "float32", "float16"):
         raise InvalidParameterError(f"--dtype {dtype!r}: use float32 or float16")
-    rows = read_slides_csv(slides)
+    rows = _only(read_slides_csv(slides), only)
     devs = parse_devices(devices)
-    cfg = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, features=features.value,
-                        target_mpp=target_mpp, region_px=region_px, encoder_px=encoder_px,
-                        tissue_preset=preset.value, tissue_mode=tissue_mode.value, min_tissue=min_tissue,
-                        edge=edge.value, order=order.value, batch_size=batch_size, num_workers=workers,
-                        dtype=dtype, overwrite=overwrite, seed=seed)
+    if like is not None:
+        from xtpath.score import load_run
+
+        cfg = load_run(like).extract_config()
+        cfg.batch_size, cfg.num_workers, cfg.overwrite = batch_size, workers, overwrite
+        weights = Path(cfg.weights) if cfg.weights else None
+        encoder = cfg.encoder
+    else:
+        cfg = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, features=features.value,
+                            target_mpp=target_mpp, region_px=region_px, encoder_px=encoder_px,
+                            tissue_preset=preset.value, tissue_mode=tissue_mode.value, min_tissue=min_tissue,
+                            edge=edge.value, order=order.value, batch_size=batch_size, num_workers=workers,
+                            dtype=dtype, overwrite=overwrite, seed=seed)
     if weights is None:
         typer.echo(f"warning: no --weights: {encoder} is randomly initialised; its features mean nothing "
                    "outside tests and demos", err=True)
@@ -319,7 +354,214 @@ def extract(
                f"{len(summary.failed)} failed -> {out}")
     if summary.failed:
         typer.echo(f"failures are listed in {Path(out) / FAILURES_CSV}", err=True)
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_SLIDES_FAILED)
+
+
+class Task(str, Enum):
+    classification = "classification"
+    segmentation = "segmentation"
+
+
+class TrainMode(str, Enum):
+    cached = "cached"
+    end2end = "end2end"
+
+
+class Context(str, Enum):
+    mamba = "mamba"
+    transformer = "transformer"
+    abmil = "abmil"
+    mean = "mean"
+
+
+@app.command()
+def train(
+    slides: Annotated[Path, typer.Argument(help="Slides CSV: slide_id,path,label[,split,case_id,mpp,mask].",
+                                           show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (model, metrics, report, plots).")],
+    config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options (CLI wins).")] = None,
+    task: Annotated[Optional[Task], typer.Option(help="classification (slide labels) or segmentation (masks).")]
+    = None,
+    mode: Annotated[Optional[TrainMode], typer.Option(help="cached: train on cached features; end2end: train the "
+                                                           "region encoder too, in bounded memory.")] = None,
+    context: Annotated[Optional[Context], typer.Option(help="Context encoder over the region sequence.")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: OUT/cache).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (default 20).")] = None,
+    folds: Annotated[Optional[int], typer.Option(help="K-fold cross-validation over cases (default: one split).")]
+    = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 2e-4).")] = None,
+    accumulate: Annotated[Optional[int], typer.Option(help="Slides per optimizer step (default 4).")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="Region encoder for missing caches or end2end "
+                                                        "(default: what the caches were made with).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Region encoder weights file.")] = None,
+    features: Annotated[Optional[Features], typer.Option(help="Feature kind of caches built now.")] = None,
+    target_mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of the regions.")] = None,
+    region_px: Annotated[Optional[int], typer.Option(help="Region side in pixels.")] = None,
+    encoder_px: Annotated[Optional[int], typer.Option(help="Encoder input side.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda[:N].")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of every random draw (default 0).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last epoch.")] = False,
+) -> None:
+    """Train a slide classifier or segmenter (xT: region encoder + long-context model over the whole slide).
+
+    Splits come from the CSV's split column, or a stratified split by case_id, or --folds K. Run it under
+    torchrun for several GPUs or nodes: torchrun --nproc_per_node=N -m xtpath train ...
+    """
+    import os
+
+    from xtpath.train import load_config
+    from xtpath.train import train as run_training
+
+    overrides = {"task": task.value if task else None, "mode": mode.value if mode else None,
+                 "context": context.value if context else None, "cache": str(cache) if cache else None,
+                 "epochs": epochs, "folds": folds, "lr": lr, "accumulate": accumulate, "encoder": encoder,
+                 "weights": str(weights) if weights else None, "features": features.value if features else None,
+                 "target_mpp": target_mpp, "region_px": region_px, "encoder_px": encoder_px, "device": device,
+                 "seed": seed}
+    cfg = load_config(config, overrides)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    report = run_training(slides, out, cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
+    if rank0:
+        metrics = report.get("metrics") or {k: v["mean"] for k, v in report.get("summary", {}).items()}
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        typer.echo(f"done: {shown} -> {out}")
+
+
+class _ScoreProgress(_ExtractProgress):
+    """Slides done with their predicted class (and extraction of the missing caches)."""
+
+    def __call__(self, event: str, data: dict) -> None:
+        if event.startswith("extract_"):
+            if event == "extract_regions":
+                super().__call__("regions", data)
+            return
+        if event == "slide_done" and data["status"] == "done":
+            self.bar.console.log(f"{data['slide_id']}: {data['predicted']} ({data['regions']} regions, "
+                                 f"{data['seconds']:.2f} s)")
+            self.bar.advance(self.task)
+            return
+        super().__call__(event, data)
+
+
+@app.command()
+def score(
+    slides: Annotated[Path, typer.Argument(help="Slides CSV: slide_id,path[,mpp,...].", show_default=False)],
+    model: Annotated[Path, typer.Option(help="Run folder written by xtpath train.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: predictions.csv, failures.csv and a "
+                                                          "folder per slide.")],
+    cache: Annotated[Optional[Path], typer.Option(help="Feature cache (default: OUT/cache).")] = None,
+    devices: Annotated[str, typer.Option(help="auto, cpu, or GPU numbers (0,1): one process per GPU.")] = "auto",
+    shard: Annotated[Optional[str], typer.Option(help="I/N: score rows I, I+N, ... (0-based; array jobs).")]
+    = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Regions per encoder batch when extracting.")] = None,
+    only: OnlyOpt = None,
+) -> None:
+    """Score slides with a trained model: predictions, heatmaps, region scores, QuPath GeoJSON, masks.
+
+    Extracts features that are not cached yet with the model's own encoder settings; a rerun scores only the
+    slides missing from predictions.csv. Exit status 0 when every slide is scored, 3 when some failed (listed
+    in OUT/failures.csv), 1 on errors.
+    """
+    from xtpath.io import read_slides_csv
+    from xtpath.score import parse_shard, score_slides
+
+    rows = _only(read_slides_csv(slides), only)
+    devs = parse_devices(devices)
+    sh = parse_shard(shard)
+    n = len([r for i, r in enumerate(rows) if i % sh[1] == sh[0]])
+    with _ScoreProgress(n) as prog:
+        summary = score_slides(rows, model, out, cache_dir=cache, devices=devs, shard=sh, batch_size=batch_size,
+                               progress=prog)
+    typer.echo(f"{len(summary.scored)} scored, {len(summary.skipped)} already scored, {len(summary.failed)} "
+               f"failed -> {out / 'predictions.csv'}")
+    if summary.failed:
+        typer.echo(f"failures are listed in {out / 'failures.csv'}", err=True)
+        raise typer.Exit(EXIT_SLIDES_FAILED)
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="Folder written by xtpath score.", show_default=False)],
+    labels: Annotated[Optional[Path], typer.Option(help="Slides CSV with a label column: adds metrics, ROC and "
+                                                        "confusion plots.")] = None,
+) -> None:
+    """Summarise scored slides; with --labels compute accuracy, balanced accuracy, AUC, F1 and plots."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from xtpath.report import report as make_report
+
+    rep = make_report(out, labels)
+    console = Console()
+    console.print(f"{out}: {rep['n_scored']} slides scored, {rep['n_failed']} failed", soft_wrap=True)
+    t = Table()
+    t.add_column("class")
+    t.add_column("predicted", justify="right")
+    for c in rep["classes"]:
+        t.add_row(c, str(rep["predicted_counts"][c]))
+    console.print(t)
+    console.print(f"{rep['regions_per_slide']:.0f} regions and {rep['seconds_per_slide']:.2f} s per slide")
+    if "metrics" in rep:
+        m = rep["metrics"]
+        console.print(f"on {rep['n_labelled']} labelled slides: " + ", ".join(
+            f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)), soft_wrap=True)
+        console.print(f"plots and report.json in {out / 'report'}", soft_wrap=True)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Argument(help="Folder for slides/, masks/ and slides.csv.", show_default=False)],
+    n_slides: Annotated[int, typer.Option(help="Number of slides (balanced touch/apart).")] = 60,
+    grid: Annotated[int, typer.Option(help="Cells per slide side (256 px each at 0.5 µm/px).")] = 10,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+) -> None:
+    """Write a small labelled dataset of pyramidal TIFF slides made of real H&E pixels (offline).
+
+    Two tissue kinds form blobs on glass; the label is whether they touch somewhere (touch) or not (apart), so it
+    cannot be read off any single region. A QuPath GeoJSON mask of the two kinds is written for every slide.
+    """
+    from rich.progress import Progress
+
+    from xtpath.demo_data import DemoSpec, make_demo_dataset
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("slides", total=n_slides)
+        csv = make_demo_dataset(out, DemoSpec(n_slides=n_slides, grid=grid, seed=seed),
+                                progress=lambda i, n: bar.update(task, completed=i))
+    typer.echo(f"{n_slides} slides and their masks in {out}; slides CSV: {csv}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for everything the demo writes.")]
+    = Path("demo_out"),
+    n_slides: Annotated[int, typer.Option(help="Number of generated slides.")] = 60,
+    epochs: Annotated[int, typer.Option(help="Training epochs per model.")] = 15,
+    grid: Annotated[int, typer.Option(help="Cells per slide side.")] = 10,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """The whole pipeline on generated slides, offline: data, features, Mamba vs mean, scores, reports."""
+    import time
+
+    from xtpath.demo import DemoSettings, run_demo
+
+    t0 = time.perf_counter()
+    res = run_demo(out, DemoSettings(n_slides=n_slides, grid=grid, epochs=epochs, seed=seed),
+                   log=lambda m: typer.echo(m, err=True))
+    m, b = res["mamba"], res["mean"]
+    typer.echo("")
+    typer.echo(f"held-out test slides: {res['n_test']}   (label: do the two tissue kinds touch?)")
+    typer.echo(f"  {'model':<16}{'accuracy':>10}{'AUC':>8}")
+    typer.echo(f"  {'xT Mamba':<16}{m['accuracy']:>10.3f}{m['auc']:>8.3f}")
+    typer.echo(f"  {'mean pooling':<16}{b['accuracy']:>10.3f}{b['auc']:>8.3f}")
+    typer.echo(f"finished in {time.perf_counter() - t0:.0f} s. Look at:")
+    for path, what in ((out / "scored_mamba" / "predictions.csv", "predictions of the test slides"),
+                       (out / "scored_mamba" / "<slide>" / "heatmap.png", "region heatmaps (regions.geojson: QuPath)"),
+                       (out / "run_mamba", "model, metrics.csv, loss/ROC/confusion plots"),
+                       (out / "scored_mamba" / "report", "test-set report (and the same for mean)")):
+        typer.echo(f"  {what:<44} {path}")
+    typer.echo("the region encoder had random weights (no download); on real slides use e.g. --encoder uni "
+               "--weights FILE")
 
 
 def main(argv: list[str] | None = None) -> None:

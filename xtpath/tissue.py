@@ -2,7 +2,7 @@
 
 Two detectors:
 
-* ``"he"`` (brightfield, e.g. H&E or IHC): tissue is coloured, glass is white. Saturation (HSV), median
+* ``"he"`` (brightfield, e.g. H&E or IHC): tissue is coloured, glass is white. Saturation (HSV, in 8 bits), median
   smoothing, Otsu threshold kept between ``min_saturation`` and ``max_saturation`` (so that a slide that is all
   tissue is not split in two), morphological closing, removal of small objects and small holes. This is CLAM's
   recipe with sizes in microns instead of pixels of some pyramid level.
@@ -213,7 +213,6 @@ def detect_tissue(slide: Slide, params: TissueParams | None = None, *, preset: s
         An empty mask (and a ``UserWarning``) when the slide shows no tissue.
     """
     from scipy import ndimage as ndi
-    from skimage.color import rgb2hsv
     from skimage.filters import threshold_otsu
     from skimage.morphology import disk, remove_small_objects
 
@@ -229,25 +228,32 @@ def detect_tissue(slide: Slide, params: TissueParams | None = None, *, preset: s
     mpp_xy = (dx * smx, dy * smy)
 
     mode = p.mode
+    brightest = img.max(axis=2)  # uint8: HSV value
     if mode == "auto":
-        mode = "fluorescence" if float(np.median(img.mean(axis=2))) < 0.3 * 255 else "he"
+        mode = "fluorescence" if float(np.median(brightest)) < 0.3 * 255 else "he"
+    # signals in uint8 (0..255): a 64k x 64k slide gives a 4096 x 4096 mask image, where float64 HSV would
+    # take hundreds of MB
     if mode == "he":
-        signal = rgb2hsv(img)[..., 1]
+        darkest = img.min(axis=2)
+        spread = brightest.astype(np.uint16) - darkest
+        signal = np.where(brightest > 0, (spread * 255 + brightest // 2) // np.maximum(brightest, 1), 0)
+        signal = signal.astype(np.uint8)  # HSV saturation x 255
         floor, cap = p.min_saturation, p.max_saturation
     elif mode == "fluorescence":
-        signal = img.astype(np.float32).max(axis=2) / 255.0
+        signal = brightest
         floor, cap = p.min_intensity, p.max_intensity
     else:
         raise InvalidParameterError(f"tissue mode {p.mode!r} is unknown; use auto, he or fluorescence")
+    del brightest
     k = _disk_px(p.median_um, mask_mpp) * 2 + 1
     if k > 1:
         signal = ndi.median_filter(signal, size=k)
     try:
-        thr = float(threshold_otsu(signal)) if float(signal.max()) > float(signal.min()) else 1.0
+        thr = float(threshold_otsu(signal)) / 255.0 if int(signal.max()) > int(signal.min()) else 1.0
     except ValueError:
         thr = 1.0
     thr = min(max(thr, floor), max(cap, floor))
-    mask = signal > thr
+    mask = signal > thr * 255.0
     r = _disk_px(p.close_um * 2, mask_mpp)
     if r > 0 and mask.any():
         mask = ndi.binary_closing(np.pad(mask, r), structure=disk(r))[r:-r, r:-r]

@@ -16,7 +16,8 @@ import numpy as np
 
 from xtpath.io.files import write_json
 
-__all__ = ["mask_polygons", "polygon_feature", "box_feature", "feature_collection", "write_geojson"]
+__all__ = ["mask_polygons", "polygon_feature", "box_feature", "feature_collection", "write_geojson",
+           "read_annotations"]
 
 Ring = list[list[float]]
 
@@ -26,8 +27,34 @@ def _ring_area(ring: np.ndarray) -> float:
     return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
 
 
+def _exact_polygons(mask: np.ndarray, scale_xy: tuple[float, float],
+                    offset_xy: tuple[float, float]) -> list[list[Ring]]:
+    """Polygons along the pixel edges (no corner cutting): the union of each row's runs of pixels (shapely)."""
+    from shapely.geometry import Polygon, box
+    from shapely.ops import unary_union
+
+    padded = np.pad(mask.astype(np.int8), ((0, 0), (1, 1)))
+    d = np.diff(padded, axis=1)
+    rows_s, cols_s = np.nonzero(d == 1)
+    _, cols_e = np.nonzero(d == -1)
+    boxes = [box(c0, r, c1, r + 1) for r, c0, c1 in zip(rows_s, cols_s, cols_e)]
+    if not boxes:
+        return []
+    geom = unary_union(boxes)
+    polys = [geom] if isinstance(geom, Polygon) else list(getattr(geom, "geoms", []))
+    sx, sy = scale_xy
+    ox, oy = offset_xy
+    out: list[list[Ring]] = []
+    for poly in sorted(polys, key=lambda p: -p.area):
+        poly = poly.simplify(0)  # drop the vertices of collinear pixel edges
+        rings = [poly.exterior, *poly.interiors]
+        out.append([[[round(x * sx + ox, 2), round(y * sy + oy, 2)] for x, y in ring.coords] for ring in rings])
+    return out
+
+
 def mask_polygons(mask: np.ndarray, scale_xy: tuple[float, float] = (1.0, 1.0),
-                  offset_xy: tuple[float, float] = (0.0, 0.0), *, tolerance: float = 0.5) -> list[list[Ring]]:
+                  offset_xy: tuple[float, float] = (0.0, 0.0), *, tolerance: float = 0.5,
+                  exact: bool = False) -> list[list[Ring]]:
     """Polygons (exterior ring, then holes) outlining the ``True`` areas of a mask.
 
     Parameters
@@ -41,6 +68,10 @@ def mask_polygons(mask: np.ndarray, scale_xy: tuple[float, float] = (1.0, 1.0),
     tolerance : float
         Douglas-Peucker tolerance in mask pixels (0 keeps every vertex).
 
+    exact : bool
+        Follow the pixel edges exactly (label and segmentation masks, where a pixel can be a whole region);
+        otherwise smooth marching-squares outlines (tissue), simplified with ``tolerance``.
+
     Returns
     -------
     list of polygons; each polygon is a list of closed rings ``[[x, y], ...]``, exterior first.
@@ -49,6 +80,8 @@ def mask_polygons(mask: np.ndarray, scale_xy: tuple[float, float] = (1.0, 1.0),
     from skimage.measure import approximate_polygon, find_contours, label, regionprops
 
     mask = np.asarray(mask, dtype=bool)
+    if exact:
+        return _exact_polygons(mask, scale_xy, offset_xy)
     polygons: list[list[Ring]] = []
     labels = label(mask, connectivity=1)
     for region in regionprops(labels):
@@ -103,3 +136,45 @@ def feature_collection(features: list[dict[str, Any]]) -> dict[str, Any]:
 def write_geojson(path: str | os.PathLike[str], features: list[dict[str, Any]]) -> None:
     """Write a FeatureCollection atomically."""
     write_json(path, feature_collection(features), indent=None)
+
+
+def read_annotations(path: str | os.PathLike[str]) -> list[tuple[str, list[Ring]]]:
+    """Polygons of a QuPath GeoJSON export as ``(class name, [exterior, hole, ...])`` in level-0 pixels.
+
+    Accepts a FeatureCollection, a list of features (QuPath's "export as array") or one feature; Polygon and
+    MultiPolygon geometries; the class is ``properties.classification.name`` (``"annotation"`` when missing).
+
+    Raises
+    ------
+    ManifestError
+        The file is not valid JSON/GeoJSON.
+    """
+    import json
+
+    from xtpath.errors import ManifestError
+
+    try:
+        data = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: not a readable GeoJSON file ({e}); export annotations from QuPath as "
+                            "GeoJSON") from e
+    if isinstance(data, dict) and data.get("type") == "FeatureCollection":
+        feats = data.get("features", [])
+    elif isinstance(data, list):
+        feats = data
+    elif isinstance(data, dict) and data.get("type") == "Feature":
+        feats = [data]
+    else:
+        raise ManifestError(f"{path}: expected a GeoJSON FeatureCollection, feature list or Feature")
+    out: list[tuple[str, list[Ring]]] = []
+    for f in feats:
+        geom = (f or {}).get("geometry") or {}
+        props = (f or {}).get("properties") or {}
+        cls = props.get("classification") or {}
+        name = cls.get("name") if isinstance(cls, dict) else None
+        name = str(name) if name else "annotation"
+        if geom.get("type") == "Polygon":
+            out.append((name, geom["coordinates"]))
+        elif geom.get("type") == "MultiPolygon":
+            out.extend((name, poly) for poly in geom["coordinates"])
+    return out

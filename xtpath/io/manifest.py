@@ -43,6 +43,8 @@ class SlideRow:
         Segmentation ground truth (absolute).
     line : int
         Line number in the CSV (the header is line 1).
+    csv : str
+        File name of the CSV (for messages such as ``slides.csv:7: ...``).
     extra : dict
         Other columns, as text.
     """
@@ -56,6 +58,12 @@ class SlideRow:
     mask: Path | None = None
     line: int = 0
     extra: dict[str, str] = field(default_factory=dict)
+    csv: str = "slides.csv"
+
+    @property
+    def where(self) -> str:
+        """``file:line`` of this row, for messages."""
+        return f"{self.csv}:{self.line}"
 
     @property
     def case(self) -> str:
@@ -171,7 +179,7 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
             if sid and path is not None:
                 rows.append(SlideRow(slide_id=sid, path=path.resolve() if path.exists() else path, label=label,
                                      split=split, case_id=_clean(rec.get("case_id")), mpp=mpp,
-                                     mask=mask, line=i, extra=extra))
+                                     mask=mask, line=i, extra=extra, csv=name))
     if not rows and not problems:
         problems.append(f"{name}:2: the CSV has no slides")
     if problems:

@@ -1,0 +1,207 @@
+"""Run widget: score the slide on screen with a trained xtpath model, in the background, filling a heatmap.
+
+Choose a run folder (``xtpath train --out``), a device and a scope (the whole slide or the current field of
+view) and press Run. Regions are encoded in a worker thread; the heatmap, the region scores and the slide-level
+probabilities update as regions finish. Cancel stops at the next chunk of regions.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_xt._layers import heatmap_layers, region_labels_layer
+
+
+def _devices() -> list[str]:
+    try:
+        import torch
+
+        return ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    except Exception:  # pragma: no cover
+        return ["cpu"]
+
+
+class RunWidget(QWidget):
+    """Score the current slide with an xtpath model (see module docstring)."""
+
+    def __init__(self, napari_viewer: Any) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.worker: Any = None
+        self.state = "idle"  # idle | running | done | cancelled | error
+        self.last_update: Any = None
+        self.model_edit = QLineEdit()
+        self.model_edit.setPlaceholderText("run folder written by xtpath train")
+        browse = QPushButton("Browse…")
+        browse.clicked.connect(self._browse)
+        row = QHBoxLayout()
+        row.addWidget(self.model_edit)
+        row.addWidget(browse)
+        self.device = QComboBox()
+        self.device.addItems(_devices())
+        self.scope = QComboBox()
+        self.scope.addItems(["whole slide", "field of view"])
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 100)
+        self.status = QLabel("Open a slide, choose a model and press Run.")
+        self.status.setWordWrap(True)
+        self.result = QLabel("")
+        self.result.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("Model", row)
+        form.addRow("Device", self.device)
+        form.addRow("Scope", self.scope)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        lay = QVBoxLayout(self)
+        lay.addLayout(form)
+        lay.addLayout(buttons)
+        lay.addWidget(self.progress)
+        lay.addWidget(self.status)
+        lay.addWidget(self.result)
+        lay.addStretch(1)
+
+    # -- helpers ------------------------------------------------------------------------------------------------
+    def _browse(self) -> None:
+        d = QFileDialog.getExistingDirectory(self, "xtpath run folder")
+        if d:
+            self.model_edit.setText(d)
+
+    def slide_layer(self) -> Any:
+        """The slide to score: the selected layer if it is a slide, else the first slide layer."""
+        active = self.viewer.layers.selection.active
+        if active is not None and "xtpath_slide" in active.metadata:
+            return active
+        for layer in self.viewer.layers:
+            if "xtpath_slide" in layer.metadata:
+                return layer
+        return None
+
+    def field_of_view(self, layer: Any) -> tuple[float, float, float, float]:
+        """Level-0 ``(x, y, w, h)`` of what the canvas shows."""
+        cam = self.viewer.camera
+        h_px, w_px = self.viewer._canvas_size  # canvas size in screen pixels
+        cy, cx = cam.center[-2:]
+        half_w, half_h = w_px / cam.zoom / 2, h_px / cam.zoom / 2
+        mx, my = layer.metadata["mpp"] or (1.0, 1.0)
+        return ((cx - half_w) / mx + 0.5, (cy - half_h) / my + 0.5, 2 * half_w / mx, 2 * half_h / my)
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+
+    # -- run ----------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Start scoring in a worker thread."""
+        from napari.qt.threading import create_worker
+
+        layer = self.slide_layer()
+        if layer is None:
+            self._fail("no slide open: open a slide (File > Open) first")
+            return
+        folder = self.model_edit.text().strip()
+        if not folder or not Path(folder).is_dir():
+            self._fail("choose the run folder of a trained model")
+            return
+        try:
+            from xtpath.score import load_run
+
+            sm = load_run(folder, self.device.currentText())
+        except Exception as e:
+            self._fail(str(e))
+            return
+        box = self.field_of_view(layer) if self.scope.currentText() == "field of view" else None
+        mpp = layer.metadata.get("mpp")
+        self._slide_mpp = tuple(mpp) if mpp else (1.0, 1.0)
+        self._target = 1 if len(sm.classes) == 2 else None
+        self.state, self.last_update = "running", None
+        self.progress.setValue(0)
+        self.status.setText(f"scoring {layer.name} with {Path(folder).name}…")
+        self.result.setText("")
+        self._set_running(True)
+
+        def job():
+            from xtpath.score import iter_score_slide
+
+            yield from iter_score_slide(sm, layer.metadata["xtpath_slide"],
+                                        mpp=mpp[0] if mpp else None, box_xywh=box)
+
+        self.worker = create_worker(job)
+        self.worker.yielded.connect(self._on_update)
+        self.worker.errored.connect(lambda e: self._fail(str(e)))
+        self.worker.finished.connect(self._on_finished)
+        self.worker.start()
+
+    def cancel(self) -> None:
+        if self.worker is not None and self.state == "running":
+            self.state = "cancelled"
+            self.worker.quit()
+            self.status.setText("cancelling…")
+
+    def _fail(self, msg: str) -> None:
+        self.state = "error"
+        self.status.setText(f"error: {msg}")
+        self._set_running(False)
+
+    def _on_finished(self) -> None:
+        self._set_running(False)
+        if self.state == "running":
+            self.state = "done"
+            self.status.setText("done")
+        elif self.state == "cancelled":
+            u = self.last_update
+            self.status.setText(f"cancelled after {u.done if u else 0} regions")
+
+    def _replace_layer(self, data: Any, kwargs: dict[str, Any], kind: str) -> None:
+        name = kwargs["name"]
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            layer.data = data
+            for key in ("scale", "translate"):
+                setattr(layer, key, kwargs[key])
+            if kind == "image":
+                layer.reset_contrast_limits_range()
+                layer.contrast_limits = kwargs["contrast_limits"]
+            if kind == "labels":
+                layer.features = kwargs["features"]
+            return
+        getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+
+    def _on_update(self, u: Any) -> None:
+        self.last_update = u
+        self.progress.setValue(int(100 * u.done / max(1, u.total)))
+        if u.region_probs is None:
+            return
+        n = len(u.region_probs)
+        cells, coords = np.asarray(u.cells[:n]), np.asarray(u.coords[:n])
+        only = [self._target] if self._target is not None else None
+        for data, kwargs, kind in heatmap_layers(cells, u.region_probs, u.classes, u.region_size,
+                                                 self._slide_mpp, only=only):
+            self._replace_layer(data, kwargs, kind)
+        data, kwargs, kind = region_labels_layer(cells, coords, u.region_probs, u.classes, u.region_size,
+                                                 self._slide_mpp)
+        self._replace_layer(data, kwargs, kind)
+        probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(u.classes, u.slide_probs))
+        final = " (final)" if u.done == u.total else f" (from {u.done}/{u.total} regions)"
+        self.result.setText(f"slide: {probs}{final}")

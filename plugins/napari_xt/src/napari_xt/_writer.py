@@ -1,0 +1,90 @@
+"""npe2 writer: Shapes and Labels layers (and region scores) to QuPath GeoJSON in level-0 pixels.
+
+napari puts the centre of a slide's level-0 pixel ``i`` at world ``i * mpp`` (microns), so world ``w`` is level-0
+position ``w / mpp + 0.5`` in the continuous coordinates where pixel ``i`` covers ``[i, i + 1)``, which is what
+QuPath uses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from xtpath.io.geojson import box_feature, mask_polygons, polygon_feature
+from xtpath.io.geojson import write_geojson as _write_feature_collection
+from xtpath.score import region_colors
+
+
+def _mpp(meta: dict[str, Any]) -> tuple[float, float]:
+    """Microns per level-0 pixel (x, y) of the slide a layer belongs to (1 if unknown: world = pixels)."""
+    md = meta.get("metadata") or {}
+    for key in ("slide_mpp", "mpp"):
+        if md.get(key):
+            return float(md[key][0]), float(md[key][1])
+    return 1.0, 1.0
+
+
+def _affine(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    scale = np.asarray(meta.get("scale", (1.0, 1.0)), float)[-2:]
+    translate = np.asarray(meta.get("translate", (0.0, 0.0)), float)[-2:]
+    return scale, translate
+
+
+def _shape_features(data: list[np.ndarray], meta: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    mpp = _mpp(meta)
+    scale, translate = _affine(meta)
+    table = meta.get("features")
+    classes = list(table["class"]) if table is not None and len(table) and "class" in table else None
+    feats = []
+    for i, verts in enumerate(data):
+        world = np.asarray(verts, dtype=float)[:, -2:] * scale + translate  # (y, x) in µm
+        xy = np.stack([world[:, 1] / mpp[0] + 0.5, world[:, 0] / mpp[1] + 0.5], axis=1)
+        ring = np.round(xy, 2).tolist()
+        if ring[0] != ring[-1]:
+            ring.append(ring[0])
+        cls = str(classes[i]) if classes else name
+        feats.append(polygon_feature([ring], object_type="annotation", name=cls, color=(255, 200, 0)))
+    return feats
+
+
+def _labels_features(data: Any, meta: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    md = meta.get("metadata") or {}
+    if md.get("xtpath_regions"):
+        # region scores: one QuPath tile per region with a measurement per class (as WSInfer writes them)
+        table, classes = meta["features"], list(md["classes"])
+        colors, size = region_colors(len(classes)), float(md["region_size"])
+        out = []
+        for _, r in table.iterrows():
+            probs = [float(r[f"prob_{c}"]) for c in classes]
+            c = int(np.argmax(probs))
+            out.append(box_feature(float(r["x"]), float(r["y"]), size, size, object_type="tile", name=classes[c],
+                                   color=colors[c], measurements={f"prob_{n}": p for n, p in zip(classes, probs)}))
+        return out
+    arr = np.asarray(data[0] if isinstance(data, list) else data)
+    mpp = _mpp(meta)
+    scale, translate = _affine(meta)
+    per_px = (scale[1] / mpp[0], scale[0] / mpp[1])  # level-0 pixels per label pixel (x, y)
+    corner = ((translate[1] - scale[1] / 2) / mpp[0] + 0.5, (translate[0] - scale[0] / 2) / mpp[1] + 0.5)
+    classes = md.get("classes")
+    values = [int(v) for v in np.unique(arr) if v not in (0, 255)]
+    colors = region_colors(max([*values, len(classes or []) - 1, 0]) + 1)
+    out = []
+    for value in values:
+        cls = classes[value] if classes and value < len(classes) else f"{name} {value}"
+        for poly in mask_polygons(arr == value, per_px, corner, exact=True):
+            out.append(polygon_feature(poly, object_type="annotation", name=cls, color=colors[value]))
+    return out
+
+
+def write_geojson(path: str, layer_data: list[tuple[Any, dict[str, Any], str]]) -> list[str]:
+    """Write the given Shapes and Labels layers into one QuPath GeoJSON FeatureCollection."""
+    feats: list[dict[str, Any]] = []
+    for data, meta, kind in layer_data:
+        name = meta.get("name", kind)
+        if kind == "shapes":
+            feats += _shape_features(data, meta, name)
+        elif kind == "labels":
+            feats += _labels_features(data, meta, name)
+    _write_feature_collection(path, feats)
+    return [path]

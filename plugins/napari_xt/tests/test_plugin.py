@@ -1,0 +1,250 @@
+"""napari-xt with a real viewer (headless under Xvfb): reader, overlays, run widget, writer, sample data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+napari = pytest.importorskip("napari")
+
+from napari_xt._layers import heatmap_layers  # noqa: E402
+from napari_xt._reader import get_reader  # noqa: E402
+from napari_xt._sample_data import sample_paths  # noqa: E402
+from napari_xt._widget import RunWidget  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[3]
+DATA = ROOT / "tests" / "data"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def white_slide(tmp_path_factory):
+    """4096 x 4096 px of glass at 0.5 µm/px, 4 pyramid levels."""
+    from xtpath.io.tiffwriter import write_pyramid_tiff
+
+    p = tmp_path_factory.mktemp("napari") / "white.tif"
+    write_pyramid_tiff(p, np.full((4096, 4096, 3), 255, np.uint8), 0.5, compression="jpeg", min_size=512)
+    return p
+
+
+@pytest.fixture(scope="module")
+def tissue_slide(tmp_path_factory):
+    """A 10 x 10 grid of demo tissue cells (100 regions), for a run long enough to cancel."""
+    from xtpath.demo_data import CELL_PX, _load_textures
+    from xtpath.io.tiffwriter import write_pyramid_tiff
+
+    tex = _load_textures()
+    tiles = tex["dense"] + tex["pink"]
+    img = np.zeros((10 * CELL_PX, 10 * CELL_PX, 3), np.uint8)
+    for r in range(10):
+        for c in range(10):
+            img[r * CELL_PX:(r + 1) * CELL_PX, c * CELL_PX:(c + 1) * CELL_PX] = tiles[(r * 10 + c) % len(tiles)]
+    p = tmp_path_factory.mktemp("napari") / "tissue.tif"
+    write_pyramid_tiff(p, img, 0.5)
+    return p
+
+
+def test_manifest_validates():
+    exe = Path(sys.executable).parent / "npe2"
+    r = subprocess.run([str(exe), "validate", "napari-xt"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "valid" in (r.stdout + r.stderr).lower()
+
+
+def test_reader_opens_a_slide_as_a_lazy_pyramid(make_napari_viewer):
+    import dask.array as da
+
+    from xtpath.io import open_slide
+
+    viewer = make_napari_viewer(show=True)
+    path = DATA / "test3-TRITC-2-560.ndpi"
+    layers = viewer.open(path, plugin="napari-xt")
+    layer = layers[0]
+    s = open_slide(path)
+    assert layer.multiscale and layer.rgb and len(layer.data) == s.level_count == 7
+    assert all(isinstance(a, da.Array) for a in layer.data)  # nothing read until napari asks for tiles
+    # level shapes: exact powers of two (3968 x 4864 is a multiple of 64, so no padding is needed)
+    assert [tuple(a.shape) for a in layer.data] == [(4864 // 2**i, 3968 // 2**i, 3) for i in range(7)]
+    assert tuple(layer.scale) == pytest.approx((s.mpp[1], s.mpp[0]))
+    assert tuple(layer.contrast_limits) == (0, 255)
+    assert layer.data[0].chunksize[:2] == (int(s.properties["openslide.level[0].tile-height"]),
+                                           int(s.properties["openslide.level[0].tile-width"]))
+    # a block read through the pyramid equals a direct read
+    block = np.asarray(layer.data[2][100:164, 200:264])
+    assert np.array_equal(block, s.read_region((800, 400), (64, 64), level=2))
+
+
+def test_odd_sized_pyramids_are_padded_to_exact_downsamples(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    layer = viewer.open(DATA / "tcga-cr-7395-01a-01-ts1.svs", plugin="napari-xt")[0]
+    (h0, w0, _), (h1, w1, _) = layer.data[0].shape, layer.data[1].shape
+    assert (h0 / h1, w0 / w1) == (2.0, 2.0)  # 4443 x 3567 stored as 2221 x 1783 (2.0005): padded by 1 px
+    assert w0 == 4444 and np.asarray(layer.data[0][3566:3567, 4443:4444]).min() == 255
+
+
+def test_reader_refuses_what_it_cannot_read(tmp_path):
+    (tmp_path / "notes.tif").write_text("not a slide")
+    assert get_reader(str(tmp_path / "notes.tif")) is None
+    assert get_reader(str(tmp_path)) is None
+    assert get_reader(str(DATA / "CMU-1-Small-Region.svs")) is not None
+
+
+def _canvas_xy(viewer, shot_shape, world_yx):
+    cam = viewer.camera
+    h, w = shot_shape[:2]
+    cy, cx = cam.center[-2:]
+    return (int(round((world_yx[1] - cx) * cam.zoom + w / 2)), int(round((world_yx[0] - cy) * cam.zoom + h / 2)))
+
+
+def test_heatmap_overlay_lands_on_its_region(make_napari_viewer, white_slide):
+    """One region of a 4x4 grid (1024 level-0 px each) scored 1.0: red there on screen, white elsewhere."""
+    viewer = make_napari_viewer(show=True)
+    viewer.open(white_slide, plugin="napari-xt")
+    cells = np.array([[1, 2]])
+    (data, kwargs, _), = heatmap_layers(cells, np.array([[0.0, 1.0]]), ["neg", "pos"], 1024.0, (0.5, 0.5),
+                                        only=[1])
+    kwargs.update(colormap="red", opacity=1.0)
+    viewer.add_image(data, **kwargs)
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    mpp = 0.5
+
+    def world(level0_xy):  # level-0 continuous position -> world (y, x) in µm
+        return ((level0_xy[1] - 0.5) * mpp, (level0_xy[0] - 0.5) * mpp)
+
+    inside = _canvas_xy(viewer, shot.shape, world((2 * 1024 + 512, 1 * 1024 + 512)))
+    outside = _canvas_xy(viewer, shot.shape, world((0 * 1024 + 512, 3 * 1024 + 512)))
+    just_left = _canvas_xy(viewer, shot.shape, world((2 * 1024 - 40, 1 * 1024 + 512)))
+    just_in = _canvas_xy(viewer, shot.shape, world((2 * 1024 + 40, 1 * 1024 + 512)))
+    r, g, b = shot[inside[1], inside[0], :3].astype(int)
+    assert r > 200 and g < 60 and b < 60, shot[inside[1], inside[0]]
+    assert (shot[outside[1], outside[0], :3] > 230).all()
+    assert (shot[just_left[1], just_left[0], :3] > 230).all()  # the overlay starts exactly at the region edge
+    assert shot[just_in[1], just_in[0], 1] < 60
+
+
+def test_run_widget_scores_the_slide(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    viewer.open(sample_paths()["slide"], plugin="napari-xt")
+    widget = RunWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.model_edit.setText(str(sample_paths()["run"]))
+    widget.run()
+    qtbot.waitUntil(lambda: widget.state in ("done", "error"), timeout=180_000)
+    assert widget.state == "done", widget.status.text()
+    assert "P(touch)" in viewer.layers and "region scores" in viewer.layers
+    regions = viewer.layers["region scores"]
+    n = widget.last_update.total
+    assert len(regions.features) == n and {"prob_apart", "prob_touch"} <= set(regions.features.columns)
+    assert np.allclose(regions.features["prob_apart"] + regions.features["prob_touch"], 1.0, atol=2e-4)
+    assert "(final)" in widget.result.text() and widget.progress.value() == 100
+    heat = viewer.layers["P(touch)"].data
+    assert np.isfinite(heat).sum() == n
+
+
+def test_run_widget_cancels(make_napari_viewer, qtbot, tissue_slide):
+    viewer = make_napari_viewer(show=True)
+    viewer.open(tissue_slide, plugin="napari-xt")
+    widget = RunWidget(viewer)
+    widget.model_edit.setText(str(sample_paths()["run"]))
+    widget.run()
+    qtbot.waitUntil(lambda: widget.last_update is not None or widget.state == "error", timeout=120_000)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.cancel_button.isEnabled(), timeout=120_000)
+    assert widget.state == "cancelled" and "cancelled after" in widget.status.text()
+    assert widget.last_update.done < widget.last_update.total == 100
+
+
+def test_run_widget_says_what_is_missing(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    widget = RunWidget(viewer)
+    widget.run()
+    assert widget.state == "error" and "no slide open" in widget.status.text()
+
+
+def test_export_to_geojson_and_read_back(make_napari_viewer, tmp_path, white_slide):
+    from shapely.geometry import shape
+
+    viewer = make_napari_viewer(show=True)
+    slide = viewer.open(white_slide, plugin="napari-xt")[0]
+    mpp = 0.5
+    # a rectangle over level-0 x 1000..1400, y 600..900 (world = (level0 - 0.5) * mpp)
+    y0, x0, y1, x1 = (600 - 0.5) * mpp, (1000 - 0.5) * mpp, (900 - 0.5) * mpp, (1400 - 0.5) * mpp
+    shapes = viewer.add_shapes([np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])], shape_type="polygon",
+                               name="tumour", features={"class": ["Tumor"]}, metadata={"mpp": [mpp, mpp]})
+    lab = np.zeros((8, 8), np.uint8)
+    lab[2:4, 5:7] = 1  # 512-px label pixels: level-0 x 2560..3584, y 1024..2048
+    labels = viewer.add_labels(lab, scale=(256.0, 256.0), translate=((256 - mpp) / 2, (256 - mpp) / 2),
+                               name="mask", metadata={"slide_mpp": [mpp, mpp], "classes": ["background", "Stroma"]})
+    out = tmp_path / "export.geojson"
+    napari.save_layers(str(out), [shapes, labels], plugin="napari-xt")
+    fc = json.loads(out.read_text())
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 2
+    by_class = {f["properties"]["classification"]["name"]: f for f in fc["features"]}
+    tumour = shape(by_class["Tumor"]["geometry"])
+    assert tumour.bounds == pytest.approx((1000, 600, 1400, 900), abs=1e-6)
+    ring = by_class["Tumor"]["geometry"]["coordinates"][0]
+    assert ring[0] == ring[-1]
+    stroma = shape(by_class["Stroma"]["geometry"])
+    assert stroma.bounds == pytest.approx((2560, 1024, 3584, 2048), abs=1.0)
+    assert stroma.area == pytest.approx(1024 * 1024, rel=0.01)
+    assert slide.metadata["mpp"] == [mpp, mpp]
+
+
+def test_sample_data_and_region_scores_export(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer(show=True)
+    layers = viewer.open_sample("napari-xt", "demo")
+    names = [lay.name for lay in layers]
+    assert names == ["demo_slide", "P(touch)", "region scores"]
+    rec = json.loads((sample_paths()["scored"] / "prediction.json").read_text())
+    regions = viewer.layers["region scores"]
+    assert len(regions.features) == rec["n_regions"]
+    out = tmp_path / "regions.geojson"
+    napari.save_layers(str(out), [regions], plugin="napari-xt")
+    tiles = json.loads(out.read_text())["features"]
+    assert len(tiles) == rec["n_regions"]
+    t = tiles[0]["properties"]
+    assert t["objectType"] == "tile" and set(t["measurements"]) == {"prob_apart", "prob_touch"}
+    theirs = json.loads((sample_paths()["scored"] / "regions.geojson").read_text())["features"]
+    assert [f["geometry"] for f in tiles] == [f["geometry"] for f in theirs]
+
+
+def test_readme_screenshot(make_napari_viewer, qtbot, tmp_path):
+    """The README's picture: the sample slide with its heatmap and the run widget, taken here."""
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1200, 800)
+    viewer.open_sample("napari-xt", "demo")
+    widget = RunWidget(viewer)
+    widget.model_edit.setText(str(sample_paths()["run"]))
+    widget.result.setText("slide: " + ", ".join(
+        f"{c} {p:.3f}" for c, p in json.loads((sample_paths()["scored"] / "prediction.json").read_text())["probs"].items()))
+    viewer.window.add_dock_widget(widget, name="Run xtpath model")
+    viewer.layers.selection.active = viewer.layers["P(touch)"]
+    qtbot.wait(300)
+    viewer.reset_view()
+    qtbot.wait(300)
+    shot = viewer.screenshot(canvas_only=False, flash=False)
+    assert shot.shape[0] > 400 and shot[..., :3].std() > 10
+    from PIL import Image
+
+    target = DOCS / "screenshot.png" if os.environ.get("XTPATH_UPDATE_SCREENSHOT") else tmp_path / "screenshot.png"
+    target.parent.mkdir(exist_ok=True)
+    Image.fromarray(shot).save(target)
+    assert target.stat().st_size > 10_000
+    if os.environ.get("XTPATH_UPDATE_SCREENSHOT"):
+        shutil.copy(target, tmp_path / "copy.png")

@@ -1,0 +1,164 @@
+"""The fast chunked selective scan against the plain sequential reference (values and gradients)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from xtpath.errors import InvalidParameterError
+from xtpath.models import selective_scan, selective_scan_ref
+from xtpath.models.scan import default_chunk_size, scan_time_major
+
+
+def make_inputs(b, d, n, length, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(b, d, length, generator=g, dtype=dtype)
+    delta = torch.randn(b, d, length, generator=g, dtype=dtype)
+    A = -torch.exp(torch.randn(d, n, generator=g, dtype=dtype))
+    B = torch.randn(b, n, length, generator=g, dtype=dtype)
+    C = torch.randn(b, n, length, generator=g, dtype=dtype)
+    D = torch.randn(d, generator=g, dtype=dtype)
+    z = torch.randn(b, d, length, generator=g, dtype=dtype)
+    bias = torch.randn(d, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
+
+
+def run(fn, inputs, seed=1, **kw):
+    for t in inputs:
+        t.grad = None
+    u, delta, A, B, C, D, z, bias = inputs
+    out, last = fn(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, return_last_state=True,
+                   **kw)
+    g = torch.Generator().manual_seed(seed)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+    loss = loss + (last * torch.randn(last.shape, generator=g, dtype=out.dtype)).sum()
+    loss.backward()
+    return out.detach(), last.detach(), [t.grad.clone() for t in inputs]
+
+
+def test_hand_computed_two_steps():
+    # D=1 channel, N=1 state, L=2: h1 = dt1*B1*u1, h2 = exp(dt2*A)*h1 + dt2*B2*u2, y = C*h
+    u = torch.tensor([[[1.0, 2.0]]], dtype=torch.float64)
+    delta = torch.tensor([[[0.5, 0.25]]], dtype=torch.float64)
+    A = torch.tensor([[-2.0]], dtype=torch.float64)
+    B = torch.tensor([[[3.0, -1.0]]], dtype=torch.float64)
+    C = torch.tensor([[[2.0, 4.0]]], dtype=torch.float64)
+    h1 = 0.5 * 3.0 * 1.0
+    h2 = math.exp(0.25 * -2.0) * h1 + 0.25 * -1.0 * 2.0
+    expected = torch.tensor([[[2.0 * h1, 4.0 * h2]]], dtype=torch.float64)
+    for fn in (selective_scan_ref, selective_scan):
+        out, last = fn(u, delta, A, B, C, return_last_state=True)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(last, torch.tensor([[[h2]]], dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_skip_and_gate_and_bias():
+    u, delta, A, B, C, D, z, bias = [t.detach() for t in make_inputs(1, 3, 2, 5)]
+    plain = selective_scan_ref(u, F.softplus(delta + bias[:, None]), A, B, C)
+    full = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)
+    torch.testing.assert_close(full, (plain + u * D[:, None]) * F.silu(z), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,chunk", [
+    ((1, 1, 1, 1), None),       # L = 1
+    ((2, 3, 4, 1), 8),          # L = 1 with a larger chunk
+    ((2, 4, 3, 37), 8),         # L not a multiple of the chunk, 5 chunks
+    ((1, 5, 2, 64), 16),        # exact multiple
+    ((3, 2, 5, 50), 50),        # one chunk
+    ((2, 3, 3, 17), 1),         # chunk of one step
+    ((1, 2, 16, 300), None),    # default chunk (18), 17 chunks
+])
+def test_fast_matches_reference_float64(shape, chunk):
+    b, d, n, length = shape
+    inputs = make_inputs(b, d, n, length)
+    out_r, last_r, grads_r = run(selective_scan_ref, inputs)
+    out_f, last_f, grads_f = run(selective_scan, inputs, chunk_size=chunk)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last_f, last_r, rtol=1e-10, atol=1e-10)
+    for name, gf, gr in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], grads_f, grads_r):
+        torch.testing.assert_close(gf, gr, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), d=st.integers(1, 4), n=st.integers(1, 5), length=st.integers(1, 70),
+       chunk=st.one_of(st.none(), st.integers(1, 40)), seed=st.integers(0, 10_000))
+def test_fast_matches_reference_random_shapes(b, d, n, length, chunk, seed):
+    inputs = make_inputs(b, d, n, length, seed=seed)
+    out_r, last_r, grads_r = run(selective_scan_ref, inputs)
+    out_f, last_f, grads_f = run(selective_scan, inputs, chunk_size=chunk)
+    torch.testing.assert_close(out_f, out_r, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(last_f, last_r, rtol=1e-9, atol=1e-9)
+    for gf, gr in zip(grads_f, grads_r):
+        torch.testing.assert_close(gf, gr, rtol=1e-8, atol=1e-8)
+
+
+def test_gradcheck_fast_scan():
+    u, delta, A, B, C, D, z, bias = make_inputs(1, 2, 3, 11)
+
+    def f(u, delta, A, B, C):
+        return selective_scan(u, delta, A, B, C, D=D.detach(), z=z.detach(), delta_bias=bias.detach(),
+                              delta_softplus=True, chunk_size=4)
+
+    assert torch.autograd.gradcheck(f, (u, delta, A, B, C), eps=1e-6, atol=1e-6)
+
+
+def test_float32_close_to_float64_reference():
+    inputs64 = make_inputs(1, 16, 8, 600, seed=3)
+    with torch.no_grad():
+        inputs64[2].mul_(4)  # stronger decay
+    out64, _, _ = run(selective_scan_ref, inputs64)
+    inputs32 = [t.detach().float().requires_grad_() for t in inputs64]
+    out32, _, _ = run(selective_scan, inputs32)
+    assert out32.dtype == torch.float32
+    rel = (out32.double() - out64).abs().max() / out64.abs().max()
+    assert rel < 1e-5
+
+
+def test_half_inputs_compute_in_float32_and_return_input_dtype():
+    u, delta, A, B, C, *_ = [t.detach() for t in make_inputs(1, 2, 2, 9, dtype=torch.float32)]
+    out = selective_scan(u.bfloat16(), delta, A, B, C)
+    assert out.dtype == torch.bfloat16
+    expected = selective_scan(u.bfloat16().float(), delta, A, B, C)
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
+def test_time_major_core_matches_channel_major():
+    u, delta, A, B, C, *_ = [t.detach() for t in make_inputs(2, 3, 4, 21)]
+    dt = F.softplus(delta)
+    t = lambda x: x.transpose(1, 2)  # noqa: E731
+    y, last = scan_time_major(t(u), t(dt), A, t(B), t(C), 5)
+    ref, ref_last = selective_scan_ref(u, dt, A, B, C, return_last_state=True)
+    torch.testing.assert_close(y.transpose(1, 2), ref)
+    torch.testing.assert_close(last, ref_last)
+
+
+def test_default_chunk_size():
+    assert default_chunk_size(1) == 16
+    assert default_chunk_size(4096) == 64
+    assert default_chunk_size(65536) == 128
+
+
+@pytest.mark.parametrize("fn", [selective_scan, selective_scan_ref])
+def test_shape_errors_name_the_argument(fn):
+    u, delta, A, B, C, D, z, bias = [t.detach() for t in make_inputs(1, 3, 2, 5)]
+    with pytest.raises(InvalidParameterError, match="delta"):
+        fn(u, delta[..., :4], A, B, C)
+    with pytest.raises(InvalidParameterError, match="A must be"):
+        fn(u, delta, A[:2], B, C)
+    with pytest.raises(InvalidParameterError, match="B must be"):
+        fn(u, delta, A, B[:, :1], C)
+    with pytest.raises(InvalidParameterError, match="D must be"):
+        fn(u, delta, A, B, C, D=D[:2])
+    with pytest.raises(InvalidParameterError, match="u must be"):
+        fn(u[0], delta, A, B, C)
+
+
+def test_chunk_size_must_be_positive():
+    u, delta, A, B, C, *_ = [t.detach() for t in make_inputs(1, 1, 1, 3)]
+    with pytest.raises(InvalidParameterError, match="chunk_size"):
+        selective_scan(u, delta, A, B, C, chunk_size=0)

@@ -1,0 +1,228 @@
+"""`xtpath score` / `report` and the Snakemake workflow, end to end on real slides with a trained tiny model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from xtpath.cache import load_features
+from xtpath.demo_data import DemoSpec, make_demo_dataset
+from xtpath.errors import CacheError
+from xtpath.extract import ExtractConfig, extract_slides
+from xtpath.io import open_slide, read_slides_csv
+from xtpath.score import parse_shard, score_slides, shard_rows
+from xtpath.train import load_config, train
+
+from .conftest import CORRUPT_SLIDE
+
+ROOT = Path(__file__).resolve().parents[1]
+ENC = {"encoder": "test_convnext", "encoder_px": 64, "region_px": 128, "target_mpp": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A demo dataset (8 slides), a classification run and a segmentation run trained on it."""
+    root = tmp_path_factory.mktemp("score")
+    csv_path = make_demo_dataset(root / "data", DemoSpec(n_slides=8, grid=6, seed=7))
+    base = {"device": "cpu", "epochs": 2, "context_options": {"d_model": 32, "n_layers": 2}, "lr": 3e-3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(csv_path, root / "cls", load_config(None, {**base, **ENC, "cache": str(root / "traincache")}),
+              show_progress=False, log=lambda m: None)
+        train(csv_path, root / "seg", load_config(None, {**base, "task": "segmentation",
+                                                         "cache": str(root / "traincache")}),
+              show_progress=False, log=lambda m: None)
+    return root, csv_path
+
+
+def _xtpath(*args, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "xtpath", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900, **kw)
+
+
+def _predictions(out: Path) -> list[dict[str, str]]:
+    with open(out / "predictions.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_classification_outputs(runs, tmp_path):
+    root, csv_path = runs
+    rows = read_slides_csv(csv_path)
+    out = tmp_path / "out"
+    summary = score_slides(rows, root / "cls", out)
+    assert sorted(summary.scored) == sorted(r.slide_id for r in rows) and not summary.failed
+    preds = _predictions(out)
+    assert list(preds[0]) == ["slide_id", "predicted", "p_apart", "p_touch", "n_regions", "seconds"]
+    assert [p["slide_id"] for p in preds] == [r.slide_id for r in rows]
+    for p, row in zip(preds, rows):
+        probs = np.array([float(p["p_apart"]), float(p["p_touch"])])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-5)
+        assert p["predicted"] == ["apart", "touch"][int(probs.argmax())]
+        sf = load_features(out / "cache" / f"{row.slide_id}.h5")
+        assert int(p["n_regions"]) == len(sf)
+        folder = out / row.slide_id
+        with h5py.File(folder / "regions.h5") as f:
+            assert np.array_equal(f["coords"][:], sf.coords)
+            rp = f["probs"][:]
+            assert rp.shape == (len(sf), 2) and np.allclose(rp.sum(1), 1.0, atol=1e-5)
+        fc = json.loads((folder / "regions.geojson").read_text())
+        assert len(fc["features"]) == len(sf)
+        size = sf.region_size_level0
+        for feat, (x, y), pr in zip(fc["features"], sf.coords, rp):
+            assert feat["properties"]["objectType"] == "tile"
+            ring = np.array(feat["geometry"]["coordinates"][0])
+            assert np.array_equal(ring[0], ring[-1])
+            assert ring.min(0) == pytest.approx([x, y]) and ring.max(0) == pytest.approx([x + size, y + size])
+            m = feat["properties"]["measurements"]
+            assert m["prob_apart"] == pytest.approx(pr[0], abs=1e-6) and m["prob_touch"] == pytest.approx(pr[1],
+                                                                                                          abs=1e-6)
+        from PIL import Image
+
+        assert Image.open(folder / "heatmap.png").size[0] >= 400
+        rec = json.loads((folder / "prediction.json").read_text())
+        assert rec["status"] == "ok" and rec["predicted"] == p["predicted"]
+
+
+def test_segmentation_outputs(runs, tmp_path):
+    import tiffslide
+
+    root, csv_path = runs
+    rows = read_slides_csv(csv_path)[:2]
+    out = tmp_path / "seg"
+    s = score_slides(rows, root / "seg", out, cache_dir=root / "traincache")
+    assert len(s.scored) == 2
+    for row in rows:
+        folder = out / row.slide_id
+        slide = open_slide(row.path)
+        ts = tiffslide.TiffSlide(folder / "mask.ome.tif")
+        sf = load_features(root / "traincache" / f"{row.slide_id}.h5")
+        # the mask covers the slide at region_um / m µm per pixel (here 128 µm regions, one cell per region)
+        assert float(ts.properties["tiffslide.mpp-x"]) == pytest.approx(128.0, rel=1e-3)
+        assert ts.dimensions == (int(np.ceil(slide.dimensions[0] / 256)), int(np.ceil(slide.dimensions[1] / 256)))
+        mask = np.asarray(ts.read_region((0, 0), 0, ts.dimensions, as_array=True))
+        mask = mask[..., 0] if mask.ndim == 3 else mask
+        assert set(np.unique(mask)) <= {0, 1, 2, 255}
+        assert (mask != 255).sum() == len(sf)  # one cell per scored region
+        fc = json.loads((folder / "regions.geojson").read_text())
+        names = {f["properties"]["classification"]["name"] for f in fc["features"]}
+        assert names <= {"dense", "pink"} and names
+        for f in fc["features"]:
+            assert f["properties"]["objectType"] == "annotation"
+            xs = np.array([pt for ring in f["geometry"]["coordinates"] for pt in ring])
+            assert xs.min() >= 0 and xs[:, 0].max() <= slide.dimensions[0] + 256
+
+
+def test_report_with_labels(runs, tmp_path):
+    root, csv_path = runs
+    out = tmp_path / "out"
+    score_slides(read_slides_csv(csv_path), root / "cls", out, cache_dir=root / "traincache")
+    r = _xtpath("report", out, "--labels", csv_path)
+    assert r.returncode == 0, r.stderr
+    assert "8 slides scored, 0 failed" in r.stdout and "balanced_accuracy" in r.stdout
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert rep["n_labelled"] == 8 and set(rep["metrics"]) >= {"accuracy", "auc", "f1", "confusion_matrix"}
+    assert (out / "report" / "roc.png").exists() and (out / "report" / "confusion.png").exists()
+    assert sum(map(sum, rep["metrics"]["confusion_matrix"])) == 8
+
+
+def test_shards_cover_the_csv_exactly_once(runs, tmp_path):
+    root, csv_path = runs
+    rows = read_slides_csv(csv_path)
+    out = tmp_path / "sharded"
+    for i in range(3):
+        r = _xtpath("score", csv_path, "--model", root / "cls", "--out", out, "--cache", root / "traincache",
+                    "--shard", f"{i}/3", "--devices", "cpu")
+        assert r.returncode == 0, r.stderr
+    ids = [p["slide_id"] for p in _predictions(out)]
+    assert sorted(ids) == sorted(r.slide_id for r in rows) and len(ids) == len(set(ids))
+    parts = [shard_rows(list(range(10)), (i, 4)) for i in range(4)]  # type: ignore[arg-type]
+    assert sorted(x for p in parts for x in p) == list(range(10))
+    with pytest.raises(Exception, match="I must be between 0 and N-1"):
+        parse_shard("3/3")
+
+
+def test_resume_after_a_kill_scores_only_what_is_missing(runs, tmp_path):
+    root, csv_path = runs
+    out = tmp_path / "killed"
+    args = ["score", csv_path, "--model", root / "cls", "--out", out, "--cache", root / "traincache",
+            "--devices", "cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "xtpath", *map(str, args)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        p = out / "predictions.csv"
+        if p.exists() and len(p.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = len(_predictions(out))
+    assert 2 <= before < 8
+    r = _xtpath(*args)
+    assert r.returncode == 0, r.stderr
+    assert f"{8 - before} scored, {before} already scored" in r.stdout
+    ids = [p["slide_id"] for p in _predictions(out)]
+    assert sorted(ids) == sorted(x.slide_id for x in read_slides_csv(csv_path))
+
+
+def test_a_model_refuses_a_cache_from_another_encoder(runs, tmp_path):
+    root, csv_path = runs
+    rows = read_slides_csv(csv_path)[:1]
+    other = tmp_path / "other"
+    extract_slides(rows, other, ExtractConfig(**{**ENC, "encoder": "test_resnet"}, num_workers=0))
+    with pytest.raises(CacheError, match="made with encoder='test_resnet' but the model was trained on "
+                                         "'test_convnext'"):
+        score_slides(rows, root / "cls", tmp_path / "out", cache_dir=other)
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+@pytest.mark.slow
+def test_snakemake_workflow_on_three_slides_one_corrupt(runs, tmp_path):
+    root, csv_path = runs
+    good = read_slides_csv(csv_path)[:2]
+    slides = tmp_path / "slides.csv"
+    slides.write_text("slide_id,path,label\n" + "".join(f"{r.slide_id},{r.path},{r.label}\n" for r in good)
+                      + f"broken,{CORRUPT_SLIDE},touch\n")
+    out = tmp_path / "wf"
+    exe = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{exe}:{os.environ['PATH']}"}
+    snake = [str(exe / "snakemake"), "-s", str(ROOT / "workflows" / "Snakefile"),
+             "--configfile", str(ROOT / "workflows" / "config.yaml"), "--cores", "2",
+             "--config", f"slides={slides}", f"model={root / 'cls'}", f"out={out}", f"labels={slides}",
+             "gpus_per_job=0", "devices=cpu"]
+    r = subprocess.run(snake, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    preds = _predictions(out)
+    assert sorted(p["slide_id"] for p in preds) == sorted(x.slide_id for x in good)
+    for p in preds:
+        assert float(p["p_apart"]) + float(p["p_touch"]) == pytest.approx(1.0, abs=1e-5)
+    with open(out / "failures.csv") as f:
+        fails = list(csv.DictReader(f))
+    assert [x["slide_id"] for x in fails] == ["broken"] and "cannot decode" in fails[0]["message"]
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert rep["n_scored"] == 2 and rep["n_failed"] == 1 and rep["n_labelled"] == 2
+    for x in good:
+        assert (out / x.slide_id / "heatmap.png").exists()
+    # a second run has nothing to do
+    again = subprocess.run([*snake, "-n"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert "Nothing to be done" in again.stdout + again.stderr

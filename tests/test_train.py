@@ -1,0 +1,280 @@
+"""`xtpath train`: real caches, real slides, real subprocesses (kill and resume, torchrun DDP)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from xtpath.demo_data import DemoSpec, make_demo_dataset
+from xtpath.errors import CacheError, InvalidParameterError, ManifestError
+from xtpath.extract import ExtractConfig, extract_slides
+from xtpath.io import read_slides_csv
+from xtpath.train import TrainConfig, load_config, train
+
+from .synthetic_caches import write_arrangement_dataset
+
+SMALL = {"d_model": 32, "n_layers": 2}
+ENC = dict(encoder="test_convnext", encoder_px=64, region_px=128, target_mpp=1.0)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = {"device": "cpu", "epochs": 3, "accumulate": 2, "context_options": dict(SMALL), "lr": 3e-3,
+            "warmup_epochs": 0.0}
+    base.update(kw)
+    return load_config(None, base)
+
+
+def _safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def _metrics(path: Path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """8 small demo slides (real H&E pixels) with their caches."""
+    root = tmp_path_factory.mktemp("demo")
+    csv_path = make_demo_dataset(root, DemoSpec(n_slides=8, grid=6, seed=3))
+    extract_slides(read_slides_csv(csv_path), root / "cache", ExtractConfig(**ENC, num_workers=0))
+    return root, csv_path
+
+
+def test_training_on_real_slides_lowers_the_loss_and_writes_the_run(demo, tmp_path):
+    root, csv_path = demo
+    run = tmp_path / "run"
+    cfg = _cfg(cache=str(root / "cache"), epochs=6, context="mamba", patience=100)
+    report = train(csv_path, run, cfg, show_progress=False, log=lambda m: None)
+    rows = _metrics(run / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < 0.8 * losses[0], losses
+    # the run folder: config, class map, encoder settings, best model, last checkpoint, report, plots
+    assert json.loads((run / "classes.json").read_text()) == ["apart", "touch"]
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["context"] == "mamba" and saved["encoder"] == "test_convnext" and saved["epochs"] == 6
+    assert json.loads((run / "extract.json").read_text())["encoder"] == "test_convnext"
+    assert (run / "model.safetensors").stat().st_size > 0 and json.loads((run / "model.json").read_text())
+    state = torch.load(run / "last" / "state.pt", weights_only=True)
+    assert state["epoch"] == 5 and "optimizer" in state and "scheduler" in state
+    rep = json.loads((run / "report.json").read_text())
+    assert rep["evaluated_on"] == "test" and set(rep["metrics"]) >= {"accuracy", "balanced_accuracy", "auc", "f1"}
+    assert report["metrics"]["accuracy"] == rep["metrics"]["accuracy"]
+    from PIL import Image
+
+    for png in ("loss.png", "roc.png", "confusion.png"):
+        assert Image.open(run / png).size[0] > 100
+    preds = (run / "predictions.csv").read_text().splitlines()
+    assert preds[0] == "slide_id,label,predicted,p_apart,p_touch" and len(preds) == 1 + rep["n_test"]
+    p = np.array([[float(v) for v in line.split(",")[3:]] for line in preds[1:]])
+    assert np.allclose(p.sum(1), 1.0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mamba_learns_the_arrangement_that_mean_pooling_cannot(tmp_path):
+    csv_path = write_arrangement_dataset(tmp_path, 112, seed=5, rows=8, cols=8,
+                                         split={"train": 64, "val": 16})
+    acc = {}
+    for ctx in ("mamba", "mean"):
+        cfg = _cfg(cache=str(tmp_path / "cache"), epochs=10, context=ctx, accumulate=1, patience=100,
+                   monitor="accuracy")
+        rep = train(csv_path, tmp_path / ctx, cfg, show_progress=False, log=lambda m: None)
+        acc[ctx] = rep["metrics"]["accuracy"]
+    assert acc["mamba"] >= 0.8 and acc["mean"] <= 0.65, acc
+    assert acc["mamba"] - acc["mean"] >= 0.25, acc
+
+
+def _run_cli(*args, env_extra=None, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "xtpath", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900, **kw)
+
+
+def _train_args(csv_path, run, cache, cfg_file, *extra):
+    return ["train", csv_path, "--out", run, "--cache", cache, "--config", cfg_file, "--device", "cpu", *extra]
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
+    csv_path = write_arrangement_dataset(tmp_path, 40, seed=1, split={"train": 30, "val": 5})
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump({"epochs": 5, "accumulate": 2, "lr": 3e-3, "context": "mamba",
+                                        "context_options": {"d_model": 32, "n_layers": 2}, "patience": 100}))
+    full = _run_cli(*_train_args(csv_path, tmp_path / "full", tmp_path / "cache", cfg_file))
+    assert full.returncode == 0, full.stderr
+    # start again and kill it during epoch 3
+    run = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "xtpath",
+                             *map(str, _train_args(csv_path, run, tmp_path / "cache", cfg_file))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if (run / "metrics.csv").exists() and len(_metrics(run / "metrics.csv")) >= 2:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(_metrics(run / "metrics.csv"))
+    assert 2 <= done_before < 5
+    again = _run_cli(*_train_args(csv_path, run, tmp_path / "cache", cfg_file))
+    assert again.returncode == 1 and "--resume" in again.stderr  # refuses to overwrite a run
+    resumed = _run_cli(*_train_args(csv_path, run, tmp_path / "cache", cfg_file, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = _metrics(tmp_path / "full" / "metrics.csv"), _metrics(run / "metrics.csv")
+    assert len(a) == len(b) == 5
+    for ra, rb in zip(a, b):
+        for k in ra:
+            if k != "seconds":
+                assert ra[k] == rb[k], (k, ra, rb)
+    wa, wb = _safetensors(tmp_path / "full" / "model.safetensors"), _safetensors(run / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
+    csv_path = write_arrangement_dataset(tmp_path, 20, seed=2, split={"train": 16, "val": 2})
+    cfg_file = tmp_path / "train.yaml"
+    cfg_file.write_text(yaml.safe_dump({"epochs": 2, "accumulate": 2, "lr": 3e-3, "context": "mamba",
+                                        "context_options": {"d_model": 32, "n_layers": 2}, "patience": 100}))
+    single = _run_cli(*_train_args(csv_path, tmp_path / "one", tmp_path / "cache", cfg_file))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    port = str(29500 + os.getpid() % 1000)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", port, "-m", "xtpath",
+                          *map(str, _train_args(csv_path, tmp_path / "two", tmp_path / "cache", cfg_file))],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    w1, w2 = _safetensors(tmp_path / "one" / "model.safetensors"), _safetensors(tmp_path / "two" / "model.safetensors")
+    for k in w1:
+        assert torch.allclose(w1[k], w2[k], atol=2e-5, rtol=1e-4), k
+    m1, m2 = _metrics(tmp_path / "one" / "metrics.csv"), _metrics(tmp_path / "two" / "metrics.csv")
+    assert [float(r["train_loss"]) for r in m1] == pytest.approx([float(r["train_loss"]) for r in m2], rel=1e-4)
+
+
+def test_bounded_end_to_end_gradient_equals_full_backprop(demo):
+    """Chunked re-computation gives the same encoder and model gradients as backprop through every region."""
+    from xtpath.e2e import EndToEnd
+    from xtpath.models import XTModel
+    from xtpath.train import _Prepared, _loss, _model_config
+
+    root, csv_path = demo
+    rows = read_slides_csv(csv_path)[:1]
+    prep = _Prepared(rows, ["apart", "touch"], [0], [], [], (), {})
+    grads = {}
+    for mode in ("full", "bounded"):
+        cfg = _cfg(mode="end2end", e2e_backprop=mode, e2e_chunk=3, augment=True, **ENC)
+        torch.manual_seed(0)
+        runner = EndToEnd(prep, cfg, torch.device("cpu"))
+        torch.manual_seed(1)
+        model = XTModel(_model_config(cfg, runner.feature_shape, 2))
+        view = runner.train_dataset(None)
+        view.set_epoch(3)  # a non-identity grid symmetry for this slide
+        runner.train_mode()
+        loss = runner.step(model, view, 0, lambda out, item: _loss(cfg, out, item, None))
+        assert len(runner.plans.plan(0)[1]) > 3  # several chunks
+        grads[mode] = (loss, {n: p.grad.clone() for n, p in runner.encoder.named_parameters()},
+                       {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (lf, ef, mf), (lb, eb, mb) = grads["full"], grads["bounded"]
+    assert lf == pytest.approx(lb, rel=1e-6)
+    for name in ef:
+        assert torch.allclose(ef[name], eb[name], rtol=1e-4, atol=1e-6), name
+    assert any(float(g.abs().sum()) > 0 for g in ef.values())
+    for name in mf:
+        assert torch.allclose(mf[name], mb[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_end_to_end_training_runs(demo, tmp_path):
+    root, csv_path = demo
+    cfg = _cfg(mode="end2end", epochs=1, e2e_chunk=8, accumulate=2, **ENC)
+    rep = train(csv_path, tmp_path / "e2e", cfg, show_progress=False, log=lambda m: None)
+    assert (tmp_path / "e2e" / "encoder.safetensors").exists()
+    assert np.isfinite(rep["metrics"]["loss"])
+
+
+def test_segmentation_on_demo_masks(demo, tmp_path):
+    root, csv_path = demo
+    cfg = _cfg(task="segmentation", cache=str(root / "cache"), epochs=4, context="mamba", patience=100)
+    rep = train(csv_path, tmp_path / "seg", cfg, show_progress=False, log=lambda m: None)
+    assert rep["classes"] == ["background", "dense", "pink"]
+    m = rep["metrics"]
+    assert set(m) >= {"dice", "iou", "dice_per_class", "iou_per_class"}
+    # the two tissue kinds are different textures: every region's kind is learnt
+    assert m["dice_per_class"][1] > 0.8 and m["dice_per_class"][2] > 0.8, m
+    assert (tmp_path / "seg" / "segmentation.png").exists()
+
+
+def test_k_fold_cross_validation(tmp_path):
+    csv_path = write_arrangement_dataset(tmp_path, 12, seed=4)
+    rep = train(csv_path, tmp_path / "cv", _cfg(cache=str(tmp_path / "cache"), epochs=1, folds=3, context="mean"),
+                show_progress=False, log=lambda m: None)
+    assert [f["split"] for f in rep["folds"]] == ["fold0", "fold1", "fold2"]
+    assert sum(f["n_test"] for f in rep["folds"]) == 12
+    for k in range(3):
+        assert (tmp_path / "cv" / f"fold{k}" / "model.safetensors").exists()
+    summary = json.loads((tmp_path / "cv" / "report.json").read_text())["summary"]
+    assert len(summary["accuracy"]["folds"]) == 3
+
+
+def test_bad_inputs_stop_before_training(demo, tmp_path):
+    root, csv_path = demo
+    text = Path(csv_path).read_text().replace("apart", "benign", 1)
+    bad = root / "bad_labels.csv"
+    bad.write_text(text)
+    with pytest.raises(ManifestError, match=r"bad_labels.csv:3: label 'benign' is not in the class map"):
+        train(bad, tmp_path / "a", _cfg(cache=str(root / "cache"), classes=["apart", "touch"]),
+              show_progress=False)
+    with pytest.raises(CacheError, match="was made with encoder='test_convnext', this run uses 'test_resnet'"):
+        train(csv_path, tmp_path / "b", _cfg(cache=str(root / "cache"), **{**ENC, "encoder": "test_resnet"}),
+              show_progress=False)
+    nomask = root / "nomask.csv"
+    lines = Path(csv_path).read_text().splitlines()
+    lines[2] = ",".join(lines[2].split(",")[:-1]) + ","
+    nomask.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError, match="nomask.csv:3: empty mask"):
+        train(nomask, tmp_path / "c", _cfg(task="segmentation", cache=str(root / "cache")), show_progress=False)
+    with pytest.raises(InvalidParameterError, match="unknown option"):
+        cfg_file = tmp_path / "x.yaml"
+        cfg_file.write_text("epochz: 3\n")
+        load_config(cfg_file, {})
+    for p in ("a", "b", "c"):
+        assert not (tmp_path / p / "model.safetensors").exists()
+
+
+def test_cli_train_with_yaml_and_overrides(demo, tmp_path):
+    root, csv_path = demo
+    cfg_file = tmp_path / "t.yaml"
+    cfg_file.write_text(yaml.safe_dump({"epochs": 5, "context": "abmil", "accumulate": 2,
+                                        "context_options": {"d_model": 32}}))
+    r = _run_cli("train", csv_path, "--out", tmp_path / "run", "--config", cfg_file, "--epochs", "1",
+                 "--cache", root / "cache", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("done: ")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["context"] == "abmil"  # CLI wins over YAML, YAML over defaults
+    assert len(_metrics(tmp_path / "run" / "metrics.csv")) == 1

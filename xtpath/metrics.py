@@ -1,0 +1,101 @@
+"""Metrics (scikit-learn) and the plots people look at: ROC curves, confusion matrix, loss curves."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xtpath.io.files import atomic_path
+
+__all__ = ["classification_metrics", "segmentation_metrics", "roc_and_confusion_plots", "save_figure", "jsonable",
+           "IGNORE_INDEX"]
+
+IGNORE_INDEX = -100
+
+
+def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
+    """accuracy, balanced accuracy, macro F1 and macro one-vs-rest AUC (scikit-learn)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
+
+    pred = probs.argmax(1)
+    out = {"accuracy": float(accuracy_score(labels, pred)),
+           "balanced_accuracy": float(balanced_accuracy_score(labels, pred)) if len(set(labels)) > 1 else math.nan,
+           "f1": float(f1_score(labels, pred, average="macro", labels=list(range(n_classes)), zero_division=0))}
+    try:
+        if n_classes == 2:
+            out["auc"] = float(roc_auc_score(labels, probs[:, 1]))
+        else:
+            out["auc"] = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro",
+                                             labels=list(range(n_classes))))
+    except ValueError:  # one class only in this set
+        out["auc"] = math.nan
+    return out
+
+
+def segmentation_metrics(pred: np.ndarray, target: np.ndarray, n_classes: int) -> dict[str, Any]:
+    """Per-class and mean Dice and IoU over all labelled cells (``IGNORE_INDEX`` skipped)."""
+    ok = target != IGNORE_INDEX
+    p, t = pred[ok].ravel(), target[ok].ravel()
+    dice, iou = [], []
+    for c in range(n_classes):
+        tp = float(((p == c) & (t == c)).sum())
+        fp = float(((p == c) & (t != c)).sum())
+        fn = float(((p != c) & (t == c)).sum())
+        dice.append(2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else math.nan)
+        iou.append(tp / (tp + fp + fn) if (tp + fp + fn) else math.nan)
+    return {"dice": float(np.nanmean(dice)), "iou": float(np.nanmean(iou)), "dice_per_class": dice,
+            "iou_per_class": iou, "accuracy": float((p == t).mean()) if len(t) else math.nan}
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def roc_and_confusion_plots(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], out_dir: Path, *,
+                            title: str = "test") -> list[list[int]]:
+    """Write ``roc.png`` (one curve per class) and ``confusion.png``; return the confusion matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, confusion_matrix
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for c, name in enumerate(classes):
+        if 0 < (labels == c).sum() < len(labels):
+            RocCurveDisplay.from_predictions(labels == c, probs[:, c], name=name, ax=ax)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    auc = classification_metrics(probs, labels, len(classes)).get("auc", math.nan)
+    ax.set_title(f"ROC ({title}, macro AUC {auc:.3f})")
+    save_figure(fig, Path(out_dir) / "roc.png")
+    cm = confusion_matrix(labels, probs.argmax(1), labels=list(range(len(classes))))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ConfusionMatrixDisplay(cm, display_labels=list(classes)).plot(ax=ax, colorbar=False)
+    ax.set_title(f"Confusion matrix ({title})")
+    save_figure(fig, Path(out_dir) / "confusion.png")
+    return cm.tolist()
+
+
+def jsonable(x: Any) -> Any:
+    """Plain JSON values: NaN -> None, numpy scalars -> Python numbers."""
+    if isinstance(x, dict):
+        return {k: jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return jsonable(x.tolist())
+    if isinstance(x, (np.floating, np.integer)):
+        return jsonable(x.item())
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x

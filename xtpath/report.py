@@ -1,0 +1,62 @@
+"""``xtpath report``: read a score folder back, with metrics when the labels are known."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from xtpath.errors import InvalidParameterError, ManifestError
+from xtpath.io import read_slides_csv
+from xtpath.io.files import write_json
+from xtpath.metrics import classification_metrics, jsonable, roc_and_confusion_plots
+from xtpath.score import PREDICTIONS_CSV, read_predictions
+
+__all__ = ["report"]
+
+
+def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Summarise ``OUT_DIR/predictions.csv``; with a labelled slides CSV also compute metrics and write
+    ``OUT_DIR/report/report.json``, ``roc.png`` and ``confusion.png``.
+
+    Raises
+    ------
+    InvalidParameterError
+        No predictions in the folder.
+    ManifestError
+        Labels that are not classes of the model.
+    """
+    out = Path(out_dir)
+    preds = read_predictions(out)
+    if not preds:
+        raise InvalidParameterError(f"{out / PREDICTIONS_CSV}: no predictions; run xtpath score first")
+    classes = [k[2:] for k in preds[0] if k.startswith("p_")]
+    counts = {c: sum(p["predicted"] == c for p in preds) for c in classes}
+    seconds = np.array([float(p["seconds"]) for p in preds])
+    regions = np.array([int(p["n_regions"]) for p in preds])
+    failures = out / "failures.csv"
+    n_failed = max(0, len(failures.read_text().splitlines()) - 1) if failures.exists() else 0
+    rep: dict[str, Any] = {"n_scored": len(preds), "n_failed": n_failed, "classes": classes,
+                           "predicted_counts": counts, "seconds_per_slide": float(seconds.mean()),
+                           "regions_per_slide": float(regions.mean())}
+    if labels_csv is not None:
+        rows = {r.slide_id: r for r in read_slides_csv(labels_csv, require_labels=True, check_files=False)}
+        index = {c: i for i, c in enumerate(classes)}
+        bad = [f"{r.where}: label {r.label!r} is not a class of the model ({', '.join(classes)})"
+               for r in rows.values() if r.label not in index]
+        if bad:
+            raise ManifestError("\n".join(bad))
+        known = [p for p in preds if p["slide_id"] in rows]
+        if known:
+            P = np.array([[float(p[f"p_{c}"]) for c in classes] for p in known])
+            Y = np.array([index[rows[p["slide_id"]].label] for p in known])  # type: ignore[index]
+            rep["n_labelled"] = len(known)
+            rep["metrics"] = classification_metrics(P, Y, len(classes))
+            folder = out / "report"
+            folder.mkdir(exist_ok=True)
+            rep["metrics"]["confusion_matrix"] = roc_and_confusion_plots(P, Y, classes, folder, title="scored")
+    (out / "report").mkdir(exist_ok=True)
+    write_json(out / "report" / "report.json", jsonable(rep))
+    return rep

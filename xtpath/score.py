@@ -1,0 +1,590 @@
+"""``xtpath score``: a trained model over a batch of slides, with outputs people open.
+
+Per run: ``OUT_DIR/predictions.csv`` (one line per slide, appended as slides finish, so a killed run keeps what
+it scored and a rerun scores only what is missing) and ``OUT_DIR/failures.csv``. Per slide, in
+``OUT_DIR/<slide_id>/``:
+
+* ``prediction.json``: the slide's prediction (or its failure), the record the cluster workflow gathers;
+* ``heatmap.png``: per-region probabilities (or the segmentation) over the thumbnail, with a colour bar;
+* ``regions.h5``: ``coords`` (level-0 ``(x, y)``), ``grid`` and ``probs`` (N, C) per region;
+* ``regions.geojson``: QuPath objects in level-0 pixels (regions as ``tile`` objects with one measurement per
+  class, as WSInfer writes them; segmentation as annotation polygons with a classification);
+* ``mask.ome.tif`` (segmentation): the label mask as a pyramidal OME-TIFF with its mpp (QuPath, napari).
+
+Region scores of a classifier are the slide head applied to each region's context output: they show where the
+model's evidence lies, not a calibrated region label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from xtpath.cache import cache_path, load_features, read_settings
+from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, XtpathError
+from xtpath.extract import ExtractConfig, record_failure, clear_failure
+from xtpath.io import SlideRow, open_slide
+from xtpath.io.files import atomic_path, write_json
+
+__all__ = ["ScoreModel", "load_run", "score_slides", "parse_shard", "shard_rows", "PREDICTIONS_CSV",
+           "ScoreSummary", "region_colors", "gather_predictions", "read_predictions"]
+
+PREDICTIONS_CSV = "predictions.csv"
+
+
+@dataclass
+class ScoreModel:
+    """A trained run ready to score: models (one per fold), classes, task and encoder settings."""
+
+    run_dir: Path
+    models: list[Any]
+    classes: list[str]
+    task: str
+    extract: dict[str, Any]
+    device: torch.device = torch.device("cpu")
+
+    def extract_config(self) -> ExtractConfig:
+        e = self.extract
+        fields = {k: e[k] for k in ExtractConfig.__dataclass_fields__ if k in e}
+        weights = self.run_dir / "encoder.safetensors"
+        if weights.exists():  # an end-to-end run: its fine-tuned encoder
+            fields["weights"] = str(weights)
+        return ExtractConfig(**fields)
+
+    def encoder_key(self) -> dict[str, Any]:
+        return {k: self.extract.get(k) for k in ("encoder", "weights_sha256", "features_kind", "encoder_px")}
+
+
+def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> ScoreModel:
+    """Load ``RUN_DIR`` written by ``xtpath train`` (all folds of a cross-validation, averaged when scoring)."""
+    import yaml
+
+    from xtpath.models import load_model
+
+    run = Path(run_dir)
+    if not (run / "classes.json").exists():
+        raise CheckpointError(f"{run}: not an xtpath run folder (no classes.json); give the --out of xtpath train")
+    folders = [run] if (run / "model.safetensors").exists() else sorted(run.glob("fold*/"))
+    folders = [f for f in folders if (f / "model.safetensors").exists()]
+    if not folders:
+        raise CheckpointError(f"{run}: no model.safetensors (did training finish an epoch?)")
+    dev = torch.device(device)
+    models = [load_model(f, map_location=dev).eval() for f in folders]
+    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
+    extract = json.loads((run / "extract.json").read_text()) if (run / "extract.json").exists() else {}
+    return ScoreModel(run, models, json.loads((run / "classes.json").read_text()),
+                      str(cfg.get("task", "classification")), extract, dev)
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    """``"I/N"`` (0-based I) -> ``(I, N)``; ``None`` -> ``(0, 1)``."""
+    if spec is None:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError as e:
+        raise InvalidParameterError(f"--shard {spec!r}: use I/N, e.g. 0/4 (I from 0 to N-1)") from e
+    if not (n >= 1 and 0 <= i < n):
+        raise InvalidParameterError(f"--shard {spec!r}: I must be between 0 and N-1 and N at least 1")
+    return i, n
+
+
+def shard_rows(rows: Sequence[SlideRow], shard: tuple[int, int]) -> list[SlideRow]:
+    """Rows ``I, I+N, I+2N, ...``: N shards cover the CSV exactly once."""
+    i, n = shard
+    return [r for k, r in enumerate(rows) if k % n == i]
+
+
+@dataclass
+class ScoreSummary:
+    scored: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def merge(self, o: "ScoreSummary") -> None:
+        self.scored += o.scored
+        self.skipped += o.skipped
+        self.failed.update(o.failed)
+
+
+# -- predictions.csv: appended line by line under a lock ---------------------------------------------------
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Any:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".predictions.lock", "w") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lk, fcntl.LOCK_UN)
+
+
+def _header(classes: Sequence[str]) -> list[str]:
+    return ["slide_id", "predicted", *[f"p_{c}" for c in classes], "n_regions", "seconds"]
+
+
+def scored_ids(out: Path, classes: Sequence[str]) -> set[str]:
+    """Slides already in ``predictions.csv`` (a cut-off last line from a killed run is dropped)."""
+    path = out / PREDICTIONS_CSV
+    if not path.exists():
+        return set()
+    with _locked(out):
+        text = path.read_text()
+        lines = text.splitlines()
+        header = ",".join(_header(classes))
+        if lines and lines[0] != header:
+            raise CacheError(f"{path} was written for other classes ({lines[0]}); use another --out")
+        good = [ln for ln in lines[1:] if len(ln.split(",")) == len(_header(classes))]
+        if not text.endswith("\n") or len(good) != len(lines) - 1:
+            with atomic_path(path) as tmp:
+                tmp.write_text("\n".join([header, *good]) + "\n")
+        return {ln.split(",")[0] for ln in good}
+
+
+def _append_prediction(out: Path, classes: Sequence[str], rec: dict[str, Any]) -> None:
+    path = out / PREDICTIONS_CSV
+    line = ",".join([rec["slide_id"], rec["predicted"], *[f"{rec['probs'][c]:.6f}" for c in classes],
+                     str(rec["n_regions"]), f"{rec['seconds']:.3f}"])
+    with _locked(out):
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a") as f:
+            if new:
+                f.write(",".join(_header(classes)) + "\n")
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+# -- per-slide outputs -------------------------------------------------------------------------------------
+
+_PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+
+
+def region_colors(n: int) -> list[tuple[int, int, int]]:
+    """Fixed class colours (index 0 is black: background)."""
+    return [_PALETTE[i % len(_PALETTE)] for i in range(n)]
+
+
+@torch.no_grad()
+def _predict(sm: ScoreModel, features: np.ndarray, grid: np.ndarray) -> dict[str, Any]:
+    """Slide probabilities (C,), region probabilities (N, C) and, for segmentation, mask probs (N, C, m, m)."""
+    f = torch.from_numpy(np.asarray(features, dtype=np.float32)).to(sm.device)
+    g = torch.from_numpy(np.asarray(grid, dtype=np.int64)).to(sm.device)
+    slide_p, region_p, mask_p = [], [], []
+    for model in sm.models:
+        feats = model.forward_features(f, g)
+        out = model.forward_head(feats)
+        if sm.task == "classification":
+            slide_p.append(torch.softmax(out.logits.float(), -1))
+            tok = feats.tokens.float()
+            if tok.dim() == 4:
+                tok = tok.mean(dim=(1, 2))
+            region_p.append(torch.softmax(model.head(tok).float(), -1))
+        else:
+            mp = torch.softmax(out.mask_logits.float(), 1)
+            mask_p.append(mp)
+            region_p.append(mp.mean(dim=(2, 3)))
+            slide_p.append(region_p[-1].mean(0))
+    res = {"slide": torch.stack(slide_p).mean(0).cpu().numpy(), "regions": torch.stack(region_p).mean(0).cpu().numpy()}
+    if mask_p:
+        res["masks"] = torch.stack(mask_p).mean(0).cpu().numpy()
+    return res
+
+
+def _write_region_h5(path: Path, coords: np.ndarray, grid: np.ndarray, probs: np.ndarray, classes: list[str],
+                     region_size: float | None) -> None:
+    import h5py
+
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("coords", data=np.asarray(coords, np.int64))
+        f.create_dataset("grid", data=np.asarray(grid, np.int64))
+        f.create_dataset("probs", data=np.asarray(probs, np.float32))
+        f.attrs["classes"] = json.dumps(classes)
+        if region_size is not None:
+            f["coords"].attrs["patch_size_level0"] = float(region_size)
+
+
+def _write_geojson(path: Path, sm: ScoreModel, coords: np.ndarray, probs: np.ndarray, size: float,
+                   label_mask: np.ndarray | None, mask_scale: float) -> None:
+    from xtpath.io.geojson import box_feature, mask_polygons, polygon_feature, write_geojson
+
+    colors = region_colors(len(sm.classes))
+    feats = []
+    if label_mask is None:
+        for (x, y), p in zip(coords, probs):
+            c = int(p.argmax())
+            feats.append(box_feature(float(x), float(y), size, size, object_type="tile", name=sm.classes[c],
+                                     color=colors[c], measurements={f"prob_{n}": float(v)
+                                                                    for n, v in zip(sm.classes, p)},
+                                     extra={"isLocked": True}))
+    else:
+        for c, name in enumerate(sm.classes):
+            if c == 0:
+                continue  # background
+            for poly in mask_polygons(label_mask == c, (mask_scale, mask_scale), exact=True):
+                feats.append(polygon_feature(poly, object_type="annotation", name=name, color=colors[c]))
+    write_geojson(path, feats)
+
+
+def _label_mask(sm: ScoreModel, masks: np.ndarray, grid: np.ndarray, slide_wh: tuple[int, int],
+                region_size: float) -> tuple[np.ndarray, float]:
+    """Slide label mask (uint8, 255 = not scored) from region masks, and level-0 px per mask pixel."""
+    m = masks.shape[-1]
+    scale = region_size / m
+    W, H = int(math.ceil(slide_wh[0] / scale)), int(math.ceil(slide_wh[1] / scale))
+    out = np.full((H, W), 255, np.uint8)
+    labels = masks.argmax(1).astype(np.uint8)  # (N, m, m)
+    for (r, c), lab in zip(grid, labels):
+        y0, x0 = int(r) * m, int(c) * m
+        y1, x1 = min(H, y0 + m), min(W, x0 + m)
+        if y1 > y0 and x1 > x0:
+            out[y0:y1, x0:x1] = lab[: y1 - y0, : x1 - x0]
+    return out, scale
+
+
+def _heatmap_png(path: Path, slide: Any, sm: ScoreModel, grid: np.ndarray, probs: np.ndarray,
+                 region_size: float, label_mask: np.ndarray | None, mask_scale: float, predicted: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    thumb = slide.thumbnail(1024)
+    W0, H0 = slide.dimensions
+    ext = (0, W0, H0, 0)
+    fig, ax = plt.subplots(figsize=(8, 8 * H0 / W0 + 0.6))
+    ax.imshow(thumb, extent=ext)
+    if label_mask is None:
+        target = 1 if len(sm.classes) == 2 else int(np.argmax(probs.mean(0)))
+        rows, cols = int(grid[:, 0].max()) + 1, int(grid[:, 1].max()) + 1
+        heat = np.full((rows, cols), np.nan)
+        heat[grid[:, 0], grid[:, 1]] = probs[:, target]
+        im = ax.imshow(np.ma.masked_invalid(heat), extent=(0, cols * region_size, rows * region_size, 0),
+                       cmap="inferno", vmin=0, vmax=1, alpha=0.55, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label=f"P({sm.classes[target]})")
+    else:
+        colors = np.array(region_colors(len(sm.classes)) + [(0, 0, 0)], float) / 255.0
+        lab = np.where(label_mask == 255, len(sm.classes), label_mask).astype(int)
+        rgba = np.zeros((*lab.shape, 4))
+        rgba[..., :3] = colors[lab]
+        rgba[..., 3] = np.where((lab == 0) | (lab == len(sm.classes)), 0.0, 0.5)
+        h, w = label_mask.shape
+        ax.imshow(rgba, extent=(0, w * mask_scale, h * mask_scale, 0), interpolation="nearest")
+        ax.legend(handles=[Patch(color=colors[c], label=n) for c, n in enumerate(sm.classes) if c],
+                  loc="upper right", fontsize=8)
+    ax.set_xlim(0, W0)
+    ax.set_ylim(H0, 0)
+    ax.set_axis_off()
+    ax.set_title(f"{slide.name}: predicted {predicted}")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def score_one(sm: ScoreModel, row: SlideRow, cache_file: Path, out: Path) -> dict[str, Any]:
+    """Score one cached slide and write its outputs; returns the prediction record."""
+    t0 = time.perf_counter()
+    sf = load_features(cache_file)
+    stored = sf.settings
+    key = sm.encoder_key()
+    if stored and key.get("encoder"):
+        for k in ("encoder", "weights_sha256", "features_kind", "encoder_px"):
+            if stored.get(k) != key.get(k):
+                raise CacheError(f"{cache_file}: features made with {k}={stored.get(k)!r} but the model was trained "
+                                 f"on {key.get(k)!r}; score with the model's own encoder (drop --cache to extract "
+                                 "anew) or use a cache made with it")
+    pred = _predict(sm, sf.features, sf.grid)
+    probs = pred["slide"]
+    predicted = sm.classes[int(np.argmax(probs))] if sm.task == "classification" else \
+        sm.classes[int(np.argmax(probs[1:])) + 1] if len(probs) > 1 else sm.classes[0]
+    folder = out / row.slide_id
+    folder.mkdir(parents=True, exist_ok=True)
+    size = float(sf.region_size_level0 or 0.0)
+    if size <= 0:
+        raise CacheError(f"{cache_file}: the region size is not recorded; re-extract it with xtpath")
+    # cell of each region on the slide's own grid (foreign caches number cells from their first region)
+    cells = np.rint(np.asarray(sf.coords, np.float64)[:, ::-1] / size).astype(np.int64)
+    slide = open_slide(row.path, mpp=row.mpp)
+    label_mask, mask_scale = None, 1.0
+    if "masks" in pred:
+        label_mask, mask_scale = _label_mask(sm, pred["masks"], cells, slide.dimensions, size)
+        from xtpath.io.tiffwriter import write_pyramid_tiff
+
+        mpp = slide.require_mpp()
+        write_pyramid_tiff(folder / "mask.ome.tif", label_mask, (mpp[0] * mask_scale, mpp[1] * mask_scale),
+                           compression="zlib", ome=True, min_size=64)
+    _write_region_h5(folder / "regions.h5", sf.coords, sf.grid, pred["regions"], sm.classes, size)
+    _write_geojson(folder / "regions.geojson", sm, sf.coords, pred["regions"], size, label_mask, mask_scale)
+    _heatmap_png(folder / "heatmap.png", slide, sm, cells, pred["regions"], size, label_mask, mask_scale,
+                 predicted)
+    rec = {"slide_id": row.slide_id, "status": "ok", "predicted": predicted,
+           "probs": {c: float(p) for c, p in zip(sm.classes, probs)}, "n_regions": int(len(sf)),
+           "seconds": time.perf_counter() - t0, "task": sm.task, "classes": sm.classes,
+           "slide_path": str(row.path), "slide_mpp": list(slide.require_mpp()), "region_size_level0": size,
+           "model": str(sm.run_dir)}
+    write_json(folder / "prediction.json", rec)
+    return rec
+
+
+def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path, device: str,
+                progress: Callable[[str, dict[str, Any]], None], batch_size: int | None) -> ScoreSummary:
+    from xtpath.extract import _work, encoder_settings
+
+    summary = ScoreSummary()
+    done = scored_ids(out, sm.classes)
+    todo = [r for r in rows if r.slide_id not in done]
+    summary.skipped = [r.slide_id for r in rows if r.slide_id in done]
+    for sid in summary.skipped:
+        progress("slide_done", {"slide_id": sid, "status": "cached"})
+    need = [r for r in todo if not cache_path(cache, r.slide_id).exists()]
+    if need:
+        ecfg = sm.extract_config()
+        if batch_size:
+            ecfg.batch_size = batch_size
+        ex = _work(need, ecfg, cache, device, encoder_settings(ecfg), lambda e, d: progress("extract_" + e, d))
+        for sid, msg in ex.failed.items():
+            summary.failed[sid] = msg
+    for row in todo:
+        if row.slide_id in summary.failed:
+            _record_score_failure(out, row, summary.failed[row.slide_id], "ExtractionError")
+            progress("slide_done", {"slide_id": row.slide_id, "status": "failed",
+                                    "message": summary.failed[row.slide_id]})
+            continue
+        try:
+            rec = score_one(sm, row, cache_path(cache, row.slide_id), out)
+        except (XtpathError, OSError, ValueError, RuntimeError) as e:
+            msg = record_failure(out, row, e)
+            summary.failed[row.slide_id] = msg
+            _write_failed_record(out, row, type(e).__name__, msg)
+            progress("slide_done", {"slide_id": row.slide_id, "status": "failed", "message": msg})
+            continue
+        _append_prediction(out, sm.classes, rec)
+        clear_failure(out, row.slide_id)
+        summary.scored.append(row.slide_id)
+        progress("slide_done", {"slide_id": row.slide_id, "status": "done", "predicted": rec["predicted"],
+                                "regions": rec["n_regions"], "seconds": rec["seconds"]})
+    return summary
+
+
+def _write_failed_record(out: Path, row: SlideRow, error: str, msg: str) -> None:
+    write_json(out / row.slide_id / "prediction.json", {"slide_id": row.slide_id, "status": "failed",
+                                                        "error": error, "message": msg})
+
+
+def _record_score_failure(out: Path, row: SlideRow, msg: str, error: str) -> None:
+    class _E(Exception):
+        pass
+
+    _E.__name__ = error
+    record_failure(out, row, _E(msg))
+    _write_failed_record(out, row, error, msg)
+
+
+def _device_worker(rank: int, run_dir: str, rows: list[SlideRow], cache: str, out: str, devices: list[str],
+                   batch_size: int | None, queue: Any) -> None:
+    sm = load_run(run_dir, devices[rank])
+    mine = [r for i, r in enumerate(rows) if i % len(devices) == rank]
+    s = _score_rows(sm, mine, Path(cache), Path(out), devices[rank], lambda e, d: queue.put((e, d)), batch_size)
+    queue.put(("summary", asdict(s)))
+
+
+def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                 cache_dir: str | os.PathLike[str] | None = None, devices: Sequence[str] = ("cpu",),
+                 shard: tuple[int, int] = (0, 1), batch_size: int | None = None,
+                 progress: Callable[[str, dict[str, Any]], None] | None = None) -> ScoreSummary:
+    """Extract what is not cached yet (with the run's encoder settings), then score each slide.
+
+    Several devices: one worker process per device, slides divided among them. ``shard=(I, N)`` keeps rows
+    ``I, I+N, ...`` (for array jobs).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache_dir) if cache_dir else out / "cache"
+    progress = progress or (lambda e, d: None)
+    rows = shard_rows(rows, shard)
+    t0 = time.perf_counter()
+    sm = load_run(run_dir, devices[0] if len(devices) == 1 else "cpu")
+    _check_cache_dir(sm, rows, cache)
+    if len(devices) <= 1:
+        summary = _score_rows(sm, rows, cache, out, devices[0] if devices else "cpu", progress, batch_size)
+    else:
+        import torch.multiprocessing as tmp
+
+        ctx = tmp.get_context("spawn")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_device_worker, args=(r, str(run_dir), list(rows), str(cache), str(out),
+                                                         list(devices), batch_size, queue))
+                 for r in range(len(devices))]
+        for p in procs:
+            p.start()
+        summary, pending = ScoreSummary(), len(procs)
+        while pending:
+            event, data = queue.get()
+            if event == "summary":
+                summary.merge(ScoreSummary(**data))
+                pending -= 1
+            else:
+                progress(event, data)
+        for p in procs:
+            p.join()
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _check_cache_dir(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path) -> None:
+    """A model refuses caches made by another encoder: all such slides listed before any work."""
+    key = sm.encoder_key()
+    if not key.get("encoder"):
+        return
+    problems = []
+    for r in rows:
+        f = cache_path(cache, r.slide_id)
+        if not f.exists():
+            continue
+        s = read_settings(f)
+        if not s:
+            continue
+        diff = [k for k in key if s.get(k) != key[k]]
+        if diff:
+            k = diff[0]
+            problems.append(f"{f}: made with {k}={s.get(k)!r} but the model was trained on {key[k]!r}")
+    if problems:
+        raise CacheError("\n".join(problems) + "\nscore with the model's own encoder: drop --cache (features are "
+                                               "then extracted into OUT_DIR/cache) or give a cache made with it")
+
+
+def read_predictions(out_dir: str | os.PathLike[str]) -> list[dict[str, str]]:
+    path = Path(out_dir) / PREDICTIONS_CSV
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def gather_predictions(out_dir: str | os.PathLike[str], rows: Sequence[SlideRow]) -> tuple[int, int]:
+    """Rebuild ``predictions.csv`` and ``failures.csv`` from the per-slide ``prediction.json`` records, in CSV
+    order (what the cluster workflow's last step does). Returns (scored, failed)."""
+    out = Path(out_dir)
+    recs = []
+    for r in rows:
+        p = out / r.slide_id / "prediction.json"
+        if p.exists():
+            recs.append(json.loads(p.read_text()))
+    ok = [x for x in recs if x.get("status") == "ok"]
+    bad = [x for x in recs if x.get("status") != "ok"]
+    classes = list(ok[0]["probs"]) if ok else []
+    with _locked(out):
+        if ok:
+            lines = [",".join(_header(classes))] + [
+                ",".join([x["slide_id"], x["predicted"], *[f"{x['probs'][c]:.6f}" for c in classes],
+                          str(x["n_regions"]), f"{x['seconds']:.3f}"]) for x in ok]
+            with atomic_path(out / PREDICTIONS_CSV) as tmp:
+                tmp.write_text("\n".join(lines) + "\n")
+        by_id = {r.slide_id: r for r in rows}
+        with atomic_path(out / "failures.csv") as tmp, open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["slide_id", "path", "error", "message", "time"])
+            for x in bad:
+                w.writerow([x["slide_id"], str(by_id[x["slide_id"]].path), x.get("error", ""), x.get("message", ""),
+                            ""])
+    return len(ok), len(bad)
+
+
+@dataclass
+class LiveUpdate:
+    """Partial result of :func:`iter_score_slide`: the regions encoded so far and the model's view of them.
+
+    Attributes
+    ----------
+    done, total : int
+        Regions encoded so far and in all.
+    coords : (n, 2) int64
+        Level-0 ``(x, y)`` of the regions encoded so far.
+    cells : (n, 2) int64
+        ``(row, col)`` of those regions on the slide's region grid.
+    region_probs : (n, C) float
+        Per-region class probabilities (None until the first model run).
+    slide_probs : (C,) float or None
+        Slide-level probabilities from the regions encoded so far (final when ``done == total``).
+    region_size : float
+        Region side in level-0 pixels.
+    classes : list of str
+    """
+
+    done: int
+    total: int
+    coords: np.ndarray
+    cells: np.ndarray
+    region_probs: np.ndarray | None
+    slide_probs: np.ndarray | None
+    region_size: float
+    classes: list[str]
+
+
+def iter_score_slide(sm: ScoreModel, slide_path: str | os.PathLike[str], *, mpp: float | None = None,
+                     box_xywh: tuple[float, float, float, float] | None = None, chunk: int = 16,
+                     updates: int = 8) -> Any:
+    """Score one slide interactively: yields a :class:`LiveUpdate` after each chunk of regions.
+
+    The model runs on the regions encoded so far about ``updates`` times during the run (and at the end), so a
+    viewer can fill a heatmap as regions finish. ``box_xywh`` (level-0 pixels) restricts the run to the regions
+    that overlap it (e.g. the current field of view). Stop iterating to cancel.
+    """
+    from xtpath.extract import plan_slide
+    from xtpath.io import SlideRow
+    from xtpath.models.encoders import build_region_encoder
+
+    ecfg = sm.extract_config()
+    row = SlideRow(slide_id=Path(slide_path).stem, path=Path(slide_path), mpp=mpp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        encoder = build_region_encoder(ecfg.encoder, ecfg.weights, features=ecfg.features,  # type: ignore[arg-type]
+                                       input_px=ecfg.encoder_px, device=sm.device, seed=ecfg.seed)
+    slide, regions = plan_slide(row, ecfg, encoder.input_px)
+    if box_xywh is not None:
+        bx, by, bw, bh = box_xywh
+        b = regions.boxes()
+        keep = (b[:, 0] < bx + bw) & (b[:, 0] + b[:, 2] > bx) & (b[:, 1] < by + bh) & (b[:, 1] + b[:, 3] > by)
+        if not keep.any():
+            raise InvalidParameterError("no tissue region in the chosen field of view; zoom out or pick another "
+                                        "part of the slide")
+        regions = regions.take(np.nonzero(keep)[0])
+    n = len(regions)
+    loc = regions.locations()
+    size = float(regions.region_size[0])
+    every = max(1, math.ceil(n / max(1, updates)))
+    feats: list[torch.Tensor] = []
+    region_p = slide_p = None
+    last_model_at = 0
+    for s in range(0, n, chunk):
+        idx = range(s, min(n, s + chunk))
+        pix = np.stack([slide.read_region((float(loc[i, 0]), float(loc[i, 1])), (regions.read_px, regions.read_px),
+                                          mpp=regions.read_mpp) for i in idx])
+        with torch.inference_mode():
+            feats.append(encoder(torch.from_numpy(pix).to(sm.device)).float().cpu())
+        done = min(n, s + chunk)
+        if done - last_model_at >= every or done == n:
+            pred = _predict(sm, torch.cat(feats).numpy(), regions.grid[:done])
+            region_p, slide_p = pred["regions"], pred["slide"]
+            last_model_at = done
+        yield LiveUpdate(done, n, regions.coords[:done], regions.grid[:done], region_p, slide_p, size,
+                         list(sm.classes))

@@ -1,0 +1,767 @@
+"""``xtpath train``: slide classification or segmentation on the feature cache, or end to end through the encoder.
+
+One run folder holds everything a person or ``xtpath score`` needs:
+
+    RUN_DIR/config.yaml            resolved settings (CLI + YAML + defaults)
+    RUN_DIR/classes.json           class names in index order
+    RUN_DIR/extract.json           region encoder settings (score uses them to build missing caches)
+    RUN_DIR/model.safetensors      best model (by the validation metric) + model.json (its config)
+    RUN_DIR/last/state.pt          last epoch: model, optimizer, scheduler, RNG (loaded with weights_only=True)
+    RUN_DIR/metrics.csv            one row per epoch
+    RUN_DIR/report.json, *.png     test metrics, predictions, loss curves, ROC curves, confusion matrix
+    RUN_DIR/fold<k>/...            the same per fold with --folds K (RUN_DIR/report.json then aggregates)
+
+Determinism: every random draw of an epoch (slide order, grid symmetries, dropout) is seeded from
+``(seed, epoch)``, so ``--resume`` after a kill reproduces an uninterrupted run on CPU, and a DDP run draws the
+same as a single process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from xtpath.cache import cache_path, load_features
+from xtpath.data import (
+    IGNORE_INDEX,
+    CachedSlides,
+    SlideItem,
+    Split,
+    class_names_from_masks,
+    make_splits,
+    region_class_weights,
+    region_targets,
+)
+from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, ManifestError
+from xtpath.io import SlideRow, read_slides_csv
+from xtpath.io.files import atomic_path, write_json, write_text
+from xtpath.metrics import (
+    classification_metrics,
+    jsonable,
+    roc_and_confusion_plots,
+    save_figure,
+    segmentation_metrics,
+)
+
+__all__ = ["TrainConfig", "load_config", "train", "evaluate", "classification_metrics", "segmentation_metrics"]
+
+TASKS = ("classification", "segmentation")
+MODES = ("cached", "end2end")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run; every field can come from the YAML ``--config`` or a CLI option."""
+
+    task: str = "classification"
+    """``classification`` (one label per slide) or ``segmentation`` (a mask per slide: region label maps)."""
+    mode: str = "cached"
+    """``cached``: train the context model on cached region features; ``end2end``: train the encoder too."""
+    context: str = "mamba"
+    """Context encoder: mamba, transformer, abmil or mean."""
+    context_options: dict = field(default_factory=dict)
+    """Extra ContextConfig fields (d_model, n_layers, scan, ...)."""
+    head_options: dict = field(default_factory=dict)
+    """Extra HeadConfig fields."""
+    encoder: str | None = None
+    """Region encoder (timm name or alias); default: whatever the existing caches were made with."""
+    weights: str | None = None
+    """Region encoder weights file."""
+    features: str = "pooled"
+    """Cached feature kind when caches are built: pooled or tokens."""
+    target_mpp: float = 0.5
+    """Microns per pixel of the regions (when caches are built, or end2end)."""
+    region_px: int = 256
+    """Region side in pixels (when caches are built, or end2end)."""
+    encoder_px: int | None = None
+    """Encoder input side (default: the model's)."""
+    min_tissue: float = 0.25
+    """Smallest tissue fraction of a region."""
+    tissue_preset: str = "default"
+    """Tissue detector preset."""
+    cache: str | None = None
+    """Feature cache folder (default: RUN_DIR/cache)."""
+    epochs: int = 20
+    """Maximum number of epochs."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    warmup_epochs: float = 1.0
+    """Linear warm-up length, then a cosine decay to 1% of ``lr``."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+    accumulate: int = 4
+    """Slides per optimizer step (gradient accumulation; across all processes under DDP)."""
+    class_weights: bool = True
+    """Weight the loss by inverse class frequency."""
+    balanced_sampling: bool = False
+    """Draw training slides with equal probability per class instead of weighting the loss."""
+    amp: bool = True
+    """Mixed precision (bf16/fp16) on GPU; ignored on CPU."""
+    patience: int = 8
+    """Early stopping: epochs without improvement of the validation metric."""
+    monitor: str = "auto"
+    """Validation metric: auc, balanced_accuracy, accuracy, f1, loss, dice (auto: auc or dice)."""
+    folds: int = 0
+    """K-fold cross-validation over cases (0: one split)."""
+    val_fraction: float = 0.2
+    """Validation share when the CSV gives no split."""
+    test_fraction: float = 0.2
+    """Test share when the CSV gives no split."""
+    augment: bool = True
+    """Random flips, transposes and 90° rotations of the region grid (and pixels in end2end)."""
+    stain_augment: bool = False
+    """end2end: random haematoxylin/eosin intensity jitter of the region pixels."""
+    seed: int = 0
+    """Seed of every random draw."""
+    device: str = "auto"
+    """auto, cpu or cuda[:N]."""
+    e2e_chunk: int = 16
+    """end2end: regions per encoder chunk (peak memory does not grow with the slide)."""
+    e2e_backprop: str = "bounded"
+    """end2end: bounded (exact gradient, chunked re-computation) or full (plain backprop, memory grows)."""
+    num_workers: int = 0
+    """end2end: reader processes per slide."""
+    classes: list = field(default_factory=list)
+    """Class names in index order (default: sorted labels; segmentation: background + mask classes)."""
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Defaults <- YAML file <- CLI overrides (``None`` values are not overrides)."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise InvalidParameterError(f"--config {p}: no such file")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise InvalidParameterError(f"--config {p}: not valid YAML ({str(e).splitlines()[0]})") from e
+        if not isinstance(data, dict):
+            raise InvalidParameterError(f"--config {p}: expected a mapping of option: value")
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InvalidParameterError(f"--config {path}: unknown option(s) {', '.join(unknown)}; valid: "
+                                    f"{', '.join(sorted(names))}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(**data)
+    if cfg.task not in TASKS:
+        raise InvalidParameterError(f"task={cfg.task!r}: use one of {', '.join(TASKS)}")
+    if cfg.mode not in MODES:
+        raise InvalidParameterError(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
+    if cfg.e2e_backprop not in ("bounded", "full"):
+        raise InvalidParameterError(f"e2e_backprop={cfg.e2e_backprop!r}: use bounded or full")
+    for name in ("epochs", "accumulate", "e2e_chunk"):
+        if int(getattr(cfg, name)) < 1:
+            raise InvalidParameterError(f"{name}={getattr(cfg, name)!r} must be at least 1")
+    return cfg
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError(f"--device {spec}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def _seed_all(*key: int) -> None:
+    import random
+
+    s = int(np.random.SeedSequence(list(key)).generate_state(1)[0])
+    torch.manual_seed(s)
+    random.seed(s)
+
+
+def _autocast(device: torch.device, enabled: bool) -> Any:
+    if device.type == "cuda" and enabled:
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return contextlib.nullcontext()
+
+
+class _Dist:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1), a single process otherwise."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.enabled = self.world > 1
+        if self.enabled and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1 if flag else 0])
+        torch.distributed.broadcast(t, 0)
+        return bool(t.item())
+
+    def close(self) -> None:
+        if self.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# -- preparation ----------------------------------------------------------------------------------------------
+
+@dataclass
+class _Prepared:
+    rows: list[SlideRow]
+    classes: list[str]
+    labels: list[int] | None
+    files: list[Path]
+    splits: list[Split]
+    in_shape: tuple[int, ...]
+    enc_settings: dict[str, Any]
+
+
+def _class_map(rows: Sequence[SlideRow], cfg: TrainConfig) -> tuple[list[str], list[int] | None]:
+    if cfg.task == "segmentation":
+        classes = list(cfg.classes) or class_names_from_masks(rows)
+        return classes, None
+    found = sorted({r.label for r in rows if r.label is not None})
+    classes = list(cfg.classes) or found
+    index = {c: i for i, c in enumerate(classes)}
+    bad = [f"{r.where}: label {r.label!r} is not in the class map ({', '.join(classes)})"
+           for r in rows if r.label not in index]
+    if bad:
+        raise ManifestError("\n".join(bad))
+    if len(classes) < 2:
+        raise ManifestError(f"classification needs at least two classes; the CSV has {classes}")
+    return classes, [index[r.label] for r in rows]  # type: ignore[index]
+
+
+def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable[[str], None]) -> _Prepared:
+    from xtpath.extract import ExtractConfig, encoder_settings, extract_slides
+
+    rows = read_slides_csv(csv_path, require_labels=cfg.task == "classification",
+                           require_masks=cfg.task == "segmentation")
+    classes, labels = _class_map(rows, cfg)
+    cache = Path(cfg.cache) if cfg.cache else run_dir / "cache"
+    files = [cache_path(cache, r.slide_id) for r in rows]
+    enc_settings: dict[str, Any] = {}
+    if cfg.encoder is None:  # train on existing caches, adopting their settings
+        from xtpath.cache import read_settings
+
+        missing = [r for r, f in zip(rows, files) if not f.exists()]
+        if missing:
+            raise CacheError("\n".join(f"{r.where}: no feature cache {cache_path(cache, r.slide_id)}"
+                                        for r in missing[:20]) +
+                             "\npass --encoder (and --weights) to build them, or --cache with the feature files")
+        found = [s for s in (read_settings(f) for f in files) if s]
+        if found:
+            s0 = found[0]
+            enc_settings = {k: s0.get(k) for k in ("encoder", "weights_sha256", "features_kind", "encoder_px")}
+            _check_cache_encoders(rows, files, enc_settings)
+            cfg.encoder = str(s0["encoder"])  # recorded in config.yaml; nothing is built in cached mode
+            cfg.features = str(s0.get("features_kind", cfg.features))
+            cfg.target_mpp, cfg.region_px = float(s0["target_mpp"]), int(s0["region_px"])
+            cfg.encoder_px = int(s0["encoder_px"])
+            write_json(run_dir / "extract.json", {**enc_settings, "target_mpp": cfg.target_mpp,
+                                                  "region_px": cfg.region_px, "cache": str(cache),
+                                                  "tissue": s0.get("tissue")})
+    else:
+        ecfg = ExtractConfig(encoder=cfg.encoder, weights=cfg.weights, features=cfg.features,
+                             target_mpp=cfg.target_mpp, region_px=cfg.region_px, encoder_px=cfg.encoder_px,
+                             min_tissue=cfg.min_tissue, tissue_preset=cfg.tissue_preset, seed=cfg.seed)
+        enc_settings = encoder_settings(ecfg)
+        _check_cache_encoders(rows, files, enc_settings)
+        if cfg.mode == "cached":
+            missing = [r for r, f in zip(rows, files) if not f.exists()]
+            if missing:
+                progress(f"building {len(missing)} missing feature caches in {cache}")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    summary = extract_slides(missing, cache, ecfg)
+                if summary.failed:
+                    bad = "\n".join(f"{r.where}: {r.slide_id}: {summary.failed[r.slide_id]}"
+                                    for r in missing if r.slide_id in summary.failed)
+                    raise CacheError(f"{bad}\nfix or remove these rows (details in {cache / 'failures.csv'})")
+        write_json(run_dir / "extract.json", {**asdict(ecfg), **enc_settings, "cache": str(cache)})
+    splits = make_splits(rows, labels, folds=cfg.folds, val_fraction=cfg.val_fraction,
+                         test_fraction=cfg.test_fraction, seed=cfg.seed)
+    if cfg.mode == "cached":
+        sf = load_features(files[0])
+        in_shape = tuple(sf.features.shape[1:])
+    else:
+        in_shape = ()
+    return _Prepared(rows, classes, labels, files, splits, in_shape, enc_settings)
+
+
+def _check_cache_encoders(rows: Sequence[SlideRow], files: Sequence[Path], enc: dict[str, Any]) -> None:
+    from xtpath.cache import read_settings
+
+    problems = []
+    for r, f in zip(rows, files):
+        if not f.exists():
+            continue
+        s = read_settings(f)
+        if not s:
+            continue  # a CLAM/TRIDENT file: nothing recorded to compare
+        for key in ("encoder", "weights_sha256", "features_kind", "encoder_px"):
+            if s.get(key) != enc.get(key):
+                problems.append(f"{r.where}: {f} was made with {key}={s.get(key)!r}, this run uses "
+                                f"{enc.get(key)!r}; use the same --encoder/--weights or another --cache")
+                break
+    if problems:
+        raise CacheError("\n".join(problems))
+
+
+# -- the model ------------------------------------------------------------------------------------------------
+
+def _model_config(cfg: TrainConfig, in_shape: tuple[int, ...], n_classes: int) -> Any:
+    from xtpath.models import ContextConfig, HeadConfig, XTConfig
+
+    token_grid = (int(in_shape[0]), int(in_shape[1])) if len(in_shape) == 3 else None
+    task = "classification" if cfg.task == "classification" else "segmentation"
+    ctx = ContextConfig(name=cfg.context, **cfg.context_options)
+    head = HeadConfig(**{"region_um": float(cfg.region_px * cfg.target_mpp), **cfg.head_options})
+    return XTConfig(in_dim=int(in_shape[-1]), token_grid=token_grid, num_classes=n_classes, task=task,
+                    context=ctx, head=head)
+
+
+def _loss(cfg: TrainConfig, out: Any, item: SlideItem, weights: torch.Tensor | None) -> torch.Tensor:
+    if cfg.task == "classification":
+        target = torch.tensor([item.label], device=out.logits.device)
+        return F.cross_entropy(out.logits.float().reshape(1, -1), target, weight=weights)
+    logits = out.mask_logits.float()  # (N, C, m, m)
+    tgt = item.targets.to(logits.device)  # type: ignore[union-attr]
+    if tgt.shape[-1] != logits.shape[-1]:
+        raise InvalidParameterError(f"mask of {tgt.shape[-1]} cells per region but the model gives "
+                                    f"{logits.shape[-1]}")
+    if (tgt != IGNORE_INDEX).sum() == 0:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, tgt, weight=weights, ignore_index=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def evaluate(model: Any, dataset: Any, cfg: TrainConfig, device: torch.device, indices: Sequence[int],
+             class_weights: torch.Tensor | None = None) -> dict[str, Any]:
+    """Loss, metrics and per-slide outputs of ``model`` on ``dataset[indices]``."""
+    model.eval()
+    losses, probs, labels, preds, tgts, ids = [], [], [], [], [], []
+    for i in indices:
+        item = dataset[i]
+        with _autocast(device, cfg.amp):
+            out = model(item.features.to(device), item.grid.to(device))
+        losses.append(float(_loss(cfg, out, item, class_weights)))
+        ids.append(item.slide_id)
+        if cfg.task == "classification":
+            probs.append(torch.softmax(out.logits.float().reshape(-1), 0).cpu().numpy())
+            labels.append(item.label)
+        else:
+            preds.append(out.mask_logits.float().argmax(1).cpu().numpy())
+            tgts.append(item.targets.numpy())  # type: ignore[union-attr]
+    res: dict[str, Any] = {"loss": float(np.mean(losses)) if losses else math.nan, "slide_ids": ids}
+    if not indices:
+        return res
+    if cfg.task == "classification":
+        P, Y = np.stack(probs), np.array(labels)
+        res.update(classification_metrics(P, Y, P.shape[1]))
+        res["probs"], res["labels"] = P, Y
+    else:
+        n_cls = int(model.cfg.num_classes)
+        res.update(segmentation_metrics(np.concatenate([p.ravel() for p in preds]),
+                                        np.concatenate([t.ravel() for t in tgts]), n_cls))
+    return res
+
+
+def _monitor(cfg: TrainConfig) -> tuple[str, bool]:
+    """The validation metric and whether larger is better."""
+    name = cfg.monitor
+    if name == "auto":
+        name = "auc" if cfg.task == "classification" else "dice"
+    return name, name != "loss"
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot load the last checkpoint ({type(e).__name__}: {e}); delete "
+                              "RUN_DIR/last to start over") from e
+
+
+def _rng_state() -> dict[str, Any]:
+    import random
+
+    st = random.getstate()
+    return {"torch": torch.get_rng_state(), "python": [st[0], list(st[1]), st[2]]}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(s["torch"])
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+
+
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    keys: list[str] = []
+    for h in history:
+        keys += [k for k in h if k not in keys]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for h in history:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in h.items()})
+
+
+# -- one split ------------------------------------------------------------------------------------------------
+
+class _EpochBar:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def start(self, epoch: int, epochs: int, total: int, last_val: str) -> None:
+        if not self.enabled:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn(f"[bold]epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[val]}"),
+                            TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+        self.task = self.bar.add_task("train", total=total, loss="-", val=last_val)
+        self.bar.start()
+
+    def step(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, loss=f"{loss:.4f}")
+
+    def end(self, val: str) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, val=val)
+            self.bar.stop()
+            self.bar = None
+
+
+def _fit_split(prep: _Prepared, split: Split, cfg: TrainConfig, out_dir: Path, device: torch.device,
+               dist: _Dist, resume: bool, show: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    from xtpath.models import XTModel, load_model, save_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_idx, val_idx, test_idx = split.train, split.val, split.test
+    if not train_idx:
+        raise ManifestError(f"split {split.name}: no training slides")
+    targets = None
+    _seed_all(cfg.seed)
+    if cfg.mode == "end2end":
+        from xtpath.e2e import EndToEnd
+
+        runner = EndToEnd(prep, cfg, device)
+        model = XTModel(_model_config(cfg, runner.feature_shape, len(prep.classes))).to(device)
+        if cfg.task == "segmentation":
+            targets = runner.segmentation_targets(model)
+        dataset = runner.train_dataset(targets)
+    else:
+        model = XTModel(_model_config(cfg, prep.in_shape, len(prep.classes))).to(device)
+        if cfg.task == "segmentation":
+            targets = _segmentation_targets(prep, model, device)
+        dataset = CachedSlides(prep.rows, prep.files, labels=prep.labels, targets=targets, augment=cfg.augment,
+                               seed=cfg.seed)
+        runner = None
+    if runner is not None:
+        eval_set = runner.eval_dataset()
+    else:
+        eval_set = CachedSlides(prep.rows, prep.files, labels=prep.labels, targets=targets, augment=False,
+                                seed=cfg.seed)
+        eval_set._data = dataset._data  # share the loaded features
+    # class weights from the training slides
+    weights = None
+    if cfg.class_weights and not cfg.balanced_sampling:
+        if cfg.task == "classification":
+            counts = np.bincount([prep.labels[i] for i in train_idx], minlength=len(prep.classes))  # type: ignore
+        else:
+            t = np.concatenate([targets[i].ravel() for i in train_idx]) if targets is not None else np.zeros(1, int)
+            counts = np.bincount(t[t >= 0], minlength=len(prep.classes))
+        weights = region_class_weights(counts).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if runner is not None:
+        params += runner.encoder_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.accumulate % dist.world:
+        raise InvalidParameterError(f"accumulate={cfg.accumulate} must be a multiple of the {dist.world} processes")
+    per_rank_acc = cfg.accumulate // dist.world
+    n_per_rank = math.ceil(len(train_idx) / dist.world)
+    steps_per_epoch = math.ceil(n_per_rank / per_rank_acc)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps_per_epoch * cfg.epochs,
+                                                              int(round(cfg.warmup_epochs * steps_per_epoch))))
+    ddp_model = model
+    if dist.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    metric, larger = _monitor(cfg)
+    state = {"epoch": -1, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "stopped": False}
+    last = out_dir / "last" / "state.pt"
+    if resume and last.exists():
+        s = _load_state(last)
+        model.load_state_dict(s["model"])
+        if runner is not None and "encoder" in s:
+            runner.encoder.load_state_dict(s["encoder"])
+        opt.load_state_dict(s["optimizer"])
+        sched.load_state_dict(s["scheduler"])
+        _set_rng_state(s["rng"])
+        state.update({k: s[k] for k in state})
+        log(f"{split.name}: resuming after epoch {state['epoch'] + 1}")
+    bar = _EpochBar(show and dist.main)
+    last_val = ""
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        if state["stopped"]:
+            break
+        t0 = time.perf_counter()
+        _seed_all(cfg.seed, epoch, 1)
+        dataset.set_epoch(epoch)
+        order = _epoch_order(train_idx, prep, cfg, epoch)
+        padded = order + order[: (-len(order)) % dist.world]
+        mine = padded[dist.rank::dist.world]
+        model.train()
+        if runner is not None:
+            runner.train_mode()
+        opt.zero_grad(set_to_none=True)
+        bar.start(epoch, cfg.epochs, len(mine), last_val)
+        losses = []
+        for j, i in enumerate(mine):
+            group_end = min(len(mine), (j // per_rank_acc + 1) * per_rank_acc)
+            group_size = group_end - (j // per_rank_acc) * per_rank_acc
+            last_in_group = j + 1 == group_end
+            sync = ddp_model.no_sync() if (dist.enabled and not last_in_group) else contextlib.nullcontext()
+            with sync:
+                _seed_all(cfg.seed, epoch, 2, i)
+                if runner is not None:
+                    loss = runner.step(ddp_model, dataset, i, lambda out, item: _loss(cfg, out, item, weights),
+                                       scale=1.0 / group_size)
+                else:
+                    item = dataset[i]
+                    with _autocast(device, cfg.amp):
+                        out = ddp_model(item.features.to(device), item.grid.to(device))
+                    loss_t = _loss(cfg, out, item, weights)
+                    (loss_t / group_size).backward()
+                    loss = float(loss_t.detach())
+            losses.append(loss)
+            bar.step(loss)
+            if last_in_group:
+                if runner is not None and dist.enabled:
+                    runner.all_reduce_grads(dist.world)
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+        train_loss = float(np.mean(losses))
+        if dist.enabled:
+            t = torch.tensor([train_loss * len(losses), len(losses)], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            train_loss = float(t[0] / t[1])
+        improved = False
+        if dist.main:
+            val = evaluate(model, eval_set, cfg, device, val_idx or train_idx, weights)
+            score = val.get(metric, math.nan)
+            if not (isinstance(score, float) and math.isnan(score)):
+                improved = state["best"] is None or (score > state["best"] if larger else score < state["best"])
+            elif state["best"] is None:
+                improved = True
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val["loss"],
+                   **{f"val_{k}": v for k, v in val.items() if isinstance(v, float) and k != "loss"},
+                   "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+            state["history"].append(row)
+            if improved:
+                state["best"], state["best_epoch"], state["bad_epochs"] = score, epoch, 0
+                save_model(model, out_dir)
+                if runner is not None:
+                    runner.save_encoder(out_dir)
+            else:
+                state["bad_epochs"] += 1
+            state["stopped"] = state["bad_epochs"] >= cfg.patience
+            last_val = f"val {metric} {score:.4f}"
+            _write_metrics(out_dir / "metrics.csv", state["history"])
+        state["stopped"] = dist.broadcast_flag(bool(state["stopped"]))
+        state["epoch"] = epoch
+        if dist.main:
+            snap = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    "rng": _rng_state(), **{k: state[k] for k in state}}
+            if runner is not None:
+                snap["encoder"] = runner.encoder.state_dict()
+            _save_state(last, snap)
+        bar.end(last_val)
+        if dist.main:
+            log(f"{split.name} epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, {last_val}"
+                + (" (best)" if improved else ""))
+        dist.barrier()
+    result: dict[str, Any] = {"split": split.name, "best_epoch": state["best_epoch"] + 1,
+                              "n_train": len(train_idx), "n_val": len(val_idx), "n_test": len(test_idx)}
+    if dist.main:
+        best = load_model(out_dir, map_location=device)
+        if runner is not None:
+            runner.load_encoder(out_dir)
+        ev = evaluate(best, eval_set, cfg, device, test_idx or val_idx, weights)
+        result["evaluated_on"] = "test" if test_idx else "val"
+        result["metrics"] = {k: v for k, v in ev.items() if k not in ("probs", "labels", "slide_ids")}
+        _write_split_outputs(out_dir, ev, prep, cfg, state["history"], result)
+    return result
+
+
+def _epoch_order(train_idx: list[int], prep: _Prepared, cfg: TrainConfig, epoch: int) -> list[int]:
+    rng = np.random.default_rng([cfg.seed, epoch, 0])
+    if cfg.balanced_sampling and prep.labels is not None:
+        labels = np.array([prep.labels[i] for i in train_idx])
+        counts = np.bincount(labels)
+        p = 1.0 / counts[labels]
+        p /= p.sum()
+        return [train_idx[j] for j in rng.choice(len(train_idx), size=len(train_idx), replace=True, p=p)]
+    return [train_idx[j] for j in rng.permutation(len(train_idx))]
+
+
+def _segmentation_targets(prep: _Prepared, model: Any, device: torch.device) -> list[np.ndarray]:
+    """Region label maps for every slide, at the model's mask resolution (found by one probe forward)."""
+    from xtpath.io import open_slide
+
+    sf0 = load_features(prep.files[0])
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.asarray(sf0.features[:1], np.float32)).to(device),
+                    torch.from_numpy(np.asarray(sf0.grid[:1])).to(device))
+    m = int(out.mask_logits.shape[-1])
+    targets = []
+    for row, f in zip(prep.rows, prep.files):
+        sf = load_features(f)
+        dims = tuple(sf.settings.get("slide_dimensions") or open_slide(row.path, mpp=row.mpp).dimensions)
+        targets.append(region_targets(row, sf, prep.classes, m, slide_dimensions=dims))  # type: ignore[arg-type]
+    return targets
+
+
+# -- outputs --------------------------------------------------------------------------------------------------
+
+def _write_split_outputs(out_dir: Path, ev: dict[str, Any], prep: _Prepared, cfg: TrainConfig,
+                         history: list[dict[str, Any]], result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if history:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ep = [h["epoch"] for h in history]
+        ax.plot(ep, [h["train_loss"] for h in history], label="train")
+        ax.plot(ep, [h["val_loss"] for h in history], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax.set_title("Loss")
+        ax.legend()
+        save_figure(fig, out_dir / "loss.png")
+    if cfg.task == "classification" and "probs" in ev:
+        P, Y = ev["probs"], ev["labels"]
+        cm = roc_and_confusion_plots(P, Y, prep.classes, out_dir, title=result.get("evaluated_on", "test"))
+        lines = ["slide_id,label,predicted," + ",".join(f"p_{c}" for c in prep.classes)]
+        for sid, y, p in zip(ev["slide_ids"], Y, P):
+            lines.append(f"{sid},{prep.classes[y]},{prep.classes[int(p.argmax())]}," + ",".join(f"{v:.6f}" for v in p))
+        write_text(out_dir / "predictions.csv", "\n".join(lines) + "\n")
+        result["metrics"]["confusion_matrix"] = cm
+    elif cfg.task == "segmentation" and "dice_per_class" in ev:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        x = np.arange(len(prep.classes))
+        ax.bar(x - 0.2, np.nan_to_num(ev["dice_per_class"]), 0.4, label="Dice")
+        ax.bar(x + 0.2, np.nan_to_num(ev["iou_per_class"]), 0.4, label="IoU")
+        ax.set_xticks(x, prep.classes, rotation=30, ha="right")
+        ax.set_ylim(0, 1)
+        ax.set_title("Segmentation per class")
+        ax.legend()
+        save_figure(fig, out_dir / "segmentation.png")
+    result["classes"] = prep.classes
+    write_json(out_dir / "report.json", jsonable(result))
+
+
+# -- entry point ----------------------------------------------------------------------------------------------
+
+def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: TrainConfig, *,
+          resume: bool = False, show_progress: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train per the config; returns the report (also written to ``RUN_DIR/report.json``).
+
+    Launched by ``torchrun`` (``WORLD_SIZE > 1``) it runs DistributedDataParallel, training slides sharded
+    over the processes; rank 0 validates and writes the outputs.
+    """
+    import yaml
+
+    run = Path(run_dir)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist = _Dist(device)
+    try:
+        if dist.main:
+            run.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        say = log if dist.main else (lambda _m: None)
+        if dist.main and (run / "last").exists() and not resume:
+            raise InvalidParameterError(f"{run} already holds a run; pass --resume to continue it or choose "
+                                        "another --out")
+        prep = _prepare(Path(csv_path), cfg, run, say) if dist.main else None
+        if dist.enabled:  # the other ranks prepare after rank 0 built any caches
+            dist.barrier()
+            if not dist.main:
+                prep = _prepare(Path(csv_path), cfg, run, say)
+        assert prep is not None
+        if dist.main:
+            write_text(run / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+            write_json(run / "classes.json", prep.classes)
+        results = []
+        for split in prep.splits:
+            out = run if len(prep.splits) == 1 else run / split.name
+            results.append(_fit_split(prep, split, cfg, out, device, dist, resume, show_progress, say))
+        report: dict[str, Any] = results[0] if len(results) == 1 else _aggregate(results)
+        if dist.main and len(results) > 1:
+            write_json(run / "report.json", jsonable(report))
+        return report
+    finally:
+        dist.close()
+
+
+def _aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, v in results[0].get("metrics", {}).items() if isinstance(v, float)]
+    summary = {}
+    for k in keys:
+        vals = np.array([r["metrics"][k] for r in results], dtype=float)
+        summary[k] = {"mean": float(np.nanmean(vals)), "std": float(np.nanstd(vals)), "folds": vals.tolist()}
+    return {"folds": results, "summary": summary, "classes": results[0].get("classes")}
