@@ -74,7 +74,7 @@ def test_tile_h5_and_csv(tmp_path):
         assert a["patch_size"] == 256 and a["patch_size_level0"] == 257  # 256 * 0.5 / 0.499
         assert a["level0_width"] == 2220 and a["level0_height"] == 2967 and a["name"] == "CMU-1-Small-Region"
         assert np.array_equal(np.rint(f["grid"][:] * 256.513).astype(int)[:, ::-1], coords)
-    r2 = xtpath("tile", DATA / "CMU-1-Small-Region.svs", "--target-mpp", "0.5", "--region-px", "256",
+    xtpath("tile", DATA / "CMU-1-Small-Region.svs", "--target-mpp", "0.5", "--region-px", "256",
                 "--order", "hilbert", "--out", tmp_path / "c.csv")
     rows = (tmp_path / "c.csv").read_text().splitlines()
     assert rows[0] == "x,y,row,col,tissue" and len(rows) == n + 1

@@ -27,10 +27,10 @@ _LAZY = {
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from xtpath.errors import XtpathError
-    from xtpath.io import Slide, open_slide
-    from xtpath.tiling import RegionGrid, make_region_grid, subregion_boxes
-    from xtpath.tissue import TissueMask, TissueParams, detect_tissue
+    from xtpath.errors import XtpathError  # noqa: F401
+    from xtpath.io import Slide, open_slide  # noqa: F401
+    from xtpath.tiling import RegionGrid, make_region_grid, subregion_boxes  # noqa: F401
+    from xtpath.tissue import TissueMask, TissueParams, detect_tissue  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -45,9 +45,10 @@ class DemoSettings:
     n_layers: int = 2
 
 
-def run_demo(out_dir: str | os.PathLike[str], s: DemoSettings = DemoSettings(), *,
+def run_demo(out_dir: str | os.PathLike[str], s: DemoSettings | None = None, *,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo into ``out_dir``; returns the two models' test metrics and where the outputs are."""
+    s = s or DemoSettings()
     out = Path(out_dir)
     t0 = time.perf_counter()
     log(f"[1/4] writing {s.n_slides} demo slides to {out / 'data'}")

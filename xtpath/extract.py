@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
-import math
 import os
 import socket
 import time
@@ -35,8 +34,8 @@ from xtpath.io.files import atomic_path
 from xtpath.tiling import RegionGrid, make_region_grid
 from xtpath.tissue import TissueParams, detect_tissue, tissue_params
 
-__all__ = ["ExtractConfig", "ExtractSummary", "extract_slides", "plan_slide", "wanted_settings",
-           "encoder_settings", "FAILURES_CSV"]
+__all__ = ["ExtractConfig", "ExtractSummary", "extract_slides", "extract_on_device", "plan_slide",
+           "wanted_settings", "encoder_settings", "record_failure", "clear_failure", "FAILURES_CSV"]
 
 FAILURES_CSV = "failures.csv"
 _FAILURE_FIELDS = ("slide_id", "path", "error", "message", "time")
@@ -242,6 +241,15 @@ class _RegionDataset:
         return torch.from_numpy(px)
 
 
+def _reader_init(worker_id: int) -> None:
+    """Reader processes yield the CPU to the encoder: when a reader preempts one of the encoder's OpenMP
+    threads, the whole parallel operation waits for it. Niced readers run in the encoder's idle moments."""
+    nice = int(os.environ.get("XTPATH_READER_NICE", "10"))
+    if nice:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
+
+
 def plan_slide(row: SlideRow, cfg: ExtractConfig, encoder_px: int) -> tuple[Any, RegionGrid]:
     """Open a slide, find its tissue and cut its region grid (raises :class:`XtpathError` subclasses)."""
     slide = open_slide(row.path, mpp=row.mpp)
@@ -284,7 +292,8 @@ def _encode_slide(row: SlideRow, encoder: Any, cfg: ExtractConfig, cache_dir: Pa
     dataset = _RegionDataset(slide, regions.locations(), regions.read_mpp, regions.read_px)
     device = next(encoder.parameters()).device
     loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=num_workers, shuffle=False,  # type: ignore
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None)
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None,
+                        worker_init_fn=_reader_init if num_workers else None)
     dtype = cfg.dtype or ("float16" if cfg.features == "tokens" else "float32")
     progress("slide_start", {"slide_id": row.slide_id, "regions": len(regions)})
     extra = {"slide_id": row.slide_id, "slide_path": str(row.path), "read_mpp": regions.read_mpp,
@@ -307,9 +316,9 @@ def _default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
-def _work(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: Path, device: str, enc_settings: dict[str, Any],
-          progress: Progress) -> ExtractSummary:
-    """Extract ``rows`` on one device in this process."""
+def extract_on_device(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: Path, device: str,
+                      enc_settings: dict[str, Any], progress: Progress) -> ExtractSummary:
+    """Extract ``rows`` on one device in this process (no preflight; see :func:`extract_slides`)."""
     import torch
 
     from xtpath.models.encoders import build_region_encoder
@@ -392,7 +401,7 @@ def _device_worker(rank: int, rows: list[SlideRow], cfg: ExtractConfig, cache_di
     def progress(event: str, data: dict[str, Any]) -> None:
         queue.put((event, data))
 
-    summary = _work(mine, cfg, cache_dir, devices[rank], enc, progress)
+    summary = extract_on_device(mine, cfg, cache_dir, devices[rank], enc, progress)
     queue.put(("summary", asdict(summary)))
 
 
@@ -430,7 +439,7 @@ def extract_slides(rows: Sequence[SlideRow], cache_dir: str | os.PathLike[str], 
     t0 = time.perf_counter()
     devices = list(devices)
     if len(devices) <= 1:
-        summary = _work(list(rows), cfg, cache, devices[0] if devices else "cpu", enc, progress)
+        summary = extract_on_device(list(rows), cfg, cache, devices[0] if devices else "cpu", enc, progress)
     else:
         import torch.multiprocessing as tmp
 
@@ -466,7 +475,3 @@ def _clean_stale_temp(cache: Path) -> None:
         if not _pid_alive(pid):
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
-
-
-def regions_per_second(summary: ExtractSummary) -> float:
-    return summary.regions / summary.seconds if summary.seconds > 0 else math.nan

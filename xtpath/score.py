@@ -222,18 +222,13 @@ def _write_region_h5(path: Path, coords: np.ndarray, grid: np.ndarray, probs: np
 
 def _write_geojson(path: Path, sm: ScoreModel, coords: np.ndarray, probs: np.ndarray, size: float,
                    label_mask: np.ndarray | None, mask_scale: float) -> None:
-    from xtpath.io.geojson import box_feature, mask_polygons, polygon_feature, write_geojson
+    from xtpath.io.geojson import mask_polygons, polygon_feature, tile_features, write_geojson
 
     colors = region_colors(len(sm.classes))
-    feats = []
     if label_mask is None:
-        for (x, y), p in zip(coords, probs):
-            c = int(p.argmax())
-            feats.append(box_feature(float(x), float(y), size, size, object_type="tile", name=sm.classes[c],
-                                     color=colors[c], measurements={f"prob_{n}": float(v)
-                                                                    for n, v in zip(sm.classes, p)},
-                                     extra={"isLocked": True}))
+        feats = tile_features(coords, size, probs, sm.classes, colors)
     else:
+        feats = []
         for c, name in enumerate(sm.classes):
             if c == 0:
                 continue  # background
@@ -258,46 +253,62 @@ def _label_mask(sm: ScoreModel, masks: np.ndarray, grid: np.ndarray, slide_wh: t
     return out, scale
 
 
-def _heatmap_png(path: Path, slide: Any, sm: ScoreModel, grid: np.ndarray, probs: np.ndarray,
+def _heatmap_png(path: Path, slide: Any, sm: ScoreModel, cells: np.ndarray, probs: np.ndarray,
                  region_size: float, label_mask: np.ndarray | None, mask_scale: float, predicted: str) -> None:
-    import matplotlib
+    """The thumbnail with per-region probabilities (colour bar, class name) or the segmentation (legend).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
+    Drawn with Pillow (matplotlib gives the colour map only): about 0.05 s per slide instead of 0.4 s.
+    """
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
 
-    thumb = slide.thumbnail(1024)
+    thumb = Image.fromarray(slide.thumbnail(1024)).convert("RGBA")
     W0, H0 = slide.dimensions
-    ext = (0, W0, H0, 0)
-    fig, ax = plt.subplots(figsize=(8, 8 * H0 / W0 + 0.6))
-    ax.imshow(thumb, extent=ext)
+    f = thumb.width / W0  # thumbnail pixels per level-0 pixel
+    font = ImageFont.load_default(size=14)
     if label_mask is None:
         target = 1 if len(sm.classes) == 2 else int(np.argmax(probs.mean(0)))
-        rows, cols = int(grid[:, 0].max()) + 1, int(grid[:, 1].max()) + 1
+        rows, cols = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
         heat = np.full((rows, cols), np.nan)
-        heat[grid[:, 0], grid[:, 1]] = probs[:, target]
-        im = ax.imshow(np.ma.masked_invalid(heat), extent=(0, cols * region_size, rows * region_size, 0),
-                       cmap="inferno", vmin=0, vmax=1, alpha=0.55, interpolation="nearest")
-        fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label=f"P({sm.classes[target]})")
+        heat[cells[:, 0], cells[:, 1]] = probs[:, target]
+        lut = (colormaps["inferno"](np.linspace(0, 1, 256)) * 255).astype(np.uint8)
+        rgba = lut[np.clip(np.nan_to_num(heat) * 255, 0, 255).astype(np.uint8)]
+        rgba[..., 3] = np.where(np.isfinite(heat), 150, 0)
+        legend_w = 90
     else:
-        colors = np.array(region_colors(len(sm.classes)) + [(0, 0, 0)], float) / 255.0
-        lab = np.where(label_mask == 255, len(sm.classes), label_mask).astype(int)
-        rgba = np.zeros((*lab.shape, 4))
-        rgba[..., :3] = colors[lab]
-        rgba[..., 3] = np.where((lab == 0) | (lab == len(sm.classes)), 0.0, 0.5)
-        h, w = label_mask.shape
-        ax.imshow(rgba, extent=(0, w * mask_scale, h * mask_scale, 0), interpolation="nearest")
-        ax.legend(handles=[Patch(color=colors[c], label=n) for c, n in enumerate(sm.classes) if c],
-                  loc="upper right", fontsize=8)
-    ax.set_xlim(0, W0)
-    ax.set_ylim(H0, 0)
-    ax.set_axis_off()
-    ax.set_title(f"{slide.name}: predicted {predicted}")
-    fig.tight_layout()
+        colors = np.array([(*c, 140) for c in region_colors(len(sm.classes))] + [(0, 0, 0, 0)], np.uint8)
+        colors[0, 3] = 0  # background stays clear
+        rgba = colors[np.where(label_mask == 255, len(sm.classes), label_mask)]
+        rows, cols = label_mask.shape
+        legend_w = 20 + 9 * max(len(c) for c in sm.classes) + 30
+    cell = region_size if label_mask is None else mask_scale
+    over = Image.fromarray(rgba, "RGBA").resize((max(1, round(cols * cell * f)), max(1, round(rows * cell * f))),
+                                                Image.Resampling.NEAREST)
+    layer = Image.new("RGBA", thumb.size, (0, 0, 0, 0))
+    layer.paste(over.crop((0, 0, min(over.width, thumb.width), min(over.height, thumb.height))), (0, 0))
+    shown = Image.alpha_composite(thumb, layer).convert("RGB")
+    top = 30
+    canvas = Image.new("RGB", (shown.width + legend_w, shown.height + top), "white")
+    canvas.paste(shown, (0, top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 7), f"{slide.name}: predicted {predicted}", fill="black", font=font)
+    x0 = shown.width + 14
+    if label_mask is None:
+        bar_h = min(256, shown.height - 40)
+        ramp = lut[np.linspace(255, 0, bar_h).astype(int), :3]
+        canvas.paste(Image.fromarray(np.repeat(ramp[:, None, :], 18, axis=1)), (x0, top + 28))
+        for v in (1.0, 0.5, 0.0):
+            y = top + 28 + round((1 - v) * (bar_h - 1))
+            draw.line([(x0 + 18, y), (x0 + 22, y)], fill="black")
+            draw.text((x0 + 25, y - 8), f"{v:.1f}", fill="black", font=font)
+        draw.text((x0 - 6, top + 2), f"P({sm.classes[target]})", fill="black", font=font)
+    else:
+        for i, name in enumerate(sm.classes[1:], start=1):
+            y = top + 10 + 22 * (i - 1)
+            draw.rectangle([x0, y, x0 + 14, y + 14], fill=tuple(int(v) for v in region_colors(len(sm.classes))[i]))
+            draw.text((x0 + 20, y - 1), name, fill="black", font=font)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+        canvas.save(tmp, format="PNG")
 
 
 def score_one(sm: ScoreModel, row: SlideRow, cache_file: Path, out: Path) -> dict[str, Any]:
@@ -347,7 +358,7 @@ def score_one(sm: ScoreModel, row: SlideRow, cache_file: Path, out: Path) -> dic
 
 def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path, device: str,
                 progress: Callable[[str, dict[str, Any]], None], batch_size: int | None) -> ScoreSummary:
-    from xtpath.extract import _work, encoder_settings
+    from xtpath.extract import encoder_settings, extract_on_device
 
     summary = ScoreSummary()
     done = scored_ids(out, sm.classes)
@@ -360,7 +371,8 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
         ecfg = sm.extract_config()
         if batch_size:
             ecfg.batch_size = batch_size
-        ex = _work(need, ecfg, cache, device, encoder_settings(ecfg), lambda e, d: progress("extract_" + e, d))
+        ex = extract_on_device(need, ecfg, cache, device, encoder_settings(ecfg),
+                               lambda e, d: progress("extract_" + e, d))
         for sid, msg in ex.failed.items():
             summary.failed[sid] = msg
     for row in todo:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -48,9 +49,12 @@ def _to_rgb(arr: np.ndarray) -> np.ndarray:
     if arr.dtype != np.uint8:
         raise TypeError(f"expected uint8 pixels, got {arr.dtype}")
     if arr.shape[2] == 4:
-        alpha = arr[..., 3:4].astype(np.float32) / 255.0
-        rgb = arr[..., :3].astype(np.float32) * alpha + 255.0 * (1.0 - alpha)
-        return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+        alpha = arr[..., 3]
+        rgb = np.ascontiguousarray(arr[..., :3])
+        if alpha.min() == 255:  # fully opaque: the usual case inside a slide
+            return rgb
+        a = alpha[..., None].astype(np.uint16)  # composite on white, in integers: rgb*a/255 + (255 - a)
+        return ((rgb * a + 127) // 255 + (255 - a)).astype(np.uint8)
     if arr.shape[2] == 1:
         return np.repeat(arr, 3, axis=2)
     return np.ascontiguousarray(arr[..., :3])
@@ -109,6 +113,9 @@ class TiffSlideHandle:
         self.reported_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
         self.vendor = self.properties.get("tiffslide.vendor")
         self.ome_xml = self._ts.ts_tifffile.ome_metadata if self._ts.ts_tifffile.is_ome else None
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._cached = 0
+        self._pages = self._direct_pages()
 
     def associated_names(self) -> list[str]:
         return list(self._ts.associated_images.keys())
@@ -116,9 +123,73 @@ class TiffSlideHandle:
     def read_associated(self, name: str) -> np.ndarray:
         return _to_rgb(np.asarray(self._ts.associated_images[name]))
 
+    # Decoded tiles are kept in a bounded LRU cache: regions overlap the same tiles (a 448-px region over 256-px
+    # tiles decodes 7.5 tiles on average, 2.5 times the pixels it needs), and napari asks for tiles repeatedly.
+    cache_bytes = 128 * 2**20
+
+    def _tile(self, level: int, ty: int, tx: int) -> np.ndarray:
+        key = (level, ty, tx)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        arr = self._levels[level]
+        th, tw = arr.chunks[0], arr.chunks[1]
+        tile = self._decode_tile(level, ty, tx, th, tw) if self._pages is not None else None
+        if tile is None:
+            tile = _to_rgb(np.asarray(arr[ty * th:(ty + 1) * th, tx * tw:(tx + 1) * tw]))
+        self._cache[key] = tile
+        self._cached += tile.nbytes
+        while self._cached > self.cache_bytes and len(self._cache) > 1:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= old.nbytes
+        return tile
+
+    def _direct_pages(self) -> list[Any] | None:
+        """The TIFF page of each level when tiles can be decoded straight from the file (one tiled page per
+        level, tiles as zarr chunks); ``None`` otherwise (zarr is used then)."""
+        try:
+            tf = self._ts.ts_tifffile
+            if self.properties.get("tiffslide.series-composition") or tf.is_ndpi:  # NDPI: virtual JPEG tiles
+                return None
+            series = tf.series[int(self.properties.get("tiffslide.series-index", 0) or 0)]
+            pages = []
+            for lvl, arr in zip(series.levels, self._levels):
+                page = lvl.pages[0] if len(lvl.pages) == 1 else None
+                if page is None or not page.is_tiled or page.planarconfig != 1 or page.imagedepth != 1:
+                    return None
+                if (page.tilelength, page.tilewidth) != tuple(arr.chunks[:2]) or page.shape[:2] != arr.shape[:2]:
+                    return None
+                pages.append(page)
+            return pages if len(pages) == len(self._levels) else None
+        except Exception:
+            return None
+
+    def _decode_tile(self, level: int, ty: int, tx: int, th: int, tw: int) -> np.ndarray | None:
+        # zarr v3 costs ~1.2 ms per chunk in its async machinery; tifffile decodes a 256-px JPEG tile in 0.46 ms
+        page = self._pages[level]  # type: ignore[index]
+        n_x = -(-page.shape[1] // tw)
+        index = ty * n_x + tx
+        fh = self._ts.ts_tifffile.filehandle
+        fh.seek(page.dataoffsets[index])
+        data = fh.read(page.databytecounts[index])
+        tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        if tile is None:  # an empty tile
+            return None
+        tile = tile.reshape(tile.shape[-3:]) if tile.ndim > 3 else tile
+        return _to_rgb(tile[: min(th, page.shape[0] - ty * th), : min(tw, page.shape[1] - tx * tw)])
+
     def read_level(self, level: int, x: int, y: int, w: int, h: int) -> tuple[np.ndarray, float, float]:
-        arr = np.asarray(self._levels[level][y:y + h, x:x + w])
-        return _to_rgb(arr), float(x), float(y)
+        arr = self._levels[level]
+        th, tw = arr.chunks[0], arr.chunks[1]
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        for ty in range(y // th, (y + h - 1) // th + 1):
+            for tx in range(x // tw, (x + w - 1) // tw + 1):
+                tile = self._tile(level, ty, tx)
+                y0, x0 = max(y, ty * th), max(x, tx * tw)
+                y1, x1 = min(y + h, ty * th + tile.shape[0]), min(x + w, tx * tw + tile.shape[1])
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty * th:y1 - ty * th, x0 - tx * tw:x1 - tx * tw]
+        return out, float(x), float(y)
 
     def close(self) -> None:
         self._ts.close()
@@ -136,14 +207,15 @@ def open_handle(backend: str, path: str) -> BackendHandle:
 def auto_order(path: Path) -> tuple[str, ...]:
     """Backends to try for ``path``, most suitable first.
 
-    openslide for DICOM (a folder or a ``.dcm``), NDPI, SVS and the other vendor formats it alone reads;
-    tiffslide for OME-TIFF (openslide does not read OME); generic TIFF goes to openslide first (C decoder),
-    then tiffslide.
+    openslide for DICOM (a folder or a ``.dcm``), NDPI, SVS and the other vendor formats; tiffslide first for
+    ``.tif``/``.tiff`` (OME-TIFF, which openslide does not read, and generic tiled TIFF), then openslide.
     """
     name = path.name.lower()
     if path.is_dir() or name.endswith(".dcm"):
         return ("openslide",)
-    if name.endswith((".ome.tif", ".ome.tiff", ".ome.tf2", ".ome.tf8", ".ome.btf")):
+    if name.endswith((".tif", ".tiff", ".btf", ".tf2", ".tf8")):
+        # OME-TIFF (openslide does not read it) and generic tiled TIFF: tiffslide reads them directly from the
+        # tiles (5 ms vs 7.5 ms per 224-px region at 0.5 µm/px from a 0.25 µm/px JPEG TIFF, measured)
         return ("tiffslide", "openslide")
     return ("openslide", "tiffslide")
 
