@@ -51,11 +51,17 @@ def mixer_reference(m: Mamba, hidden: torch.Tensor) -> torch.Tensor:
     return y.transpose(1, 2) @ m.out_proj.weight.t()
 
 
-def test_mixer_matches_the_mamba_ssm_slow_path():
+@pytest.mark.parametrize("length", [1, 2, 3, 23])
+def test_mixer_matches_the_mamba_ssm_slow_path(length):
     torch.manual_seed(0)
     m = Mamba(8, d_state=4, backend="torch").double()
-    hidden = torch.randn(3, 23, 8, dtype=torch.float64)
-    torch.testing.assert_close(m(hidden), mixer_reference(m, hidden))
+    with torch.no_grad():
+        m.conv1d.bias.normal_()
+    hidden = torch.randn(3, length, 8, dtype=torch.float64)
+    expected = mixer_reference(m, hidden)
+    torch.testing.assert_close(m(hidden), expected)  # training path (nn.Conv1d)
+    with torch.no_grad():  # inference path (shifted products, no transposes)
+        torch.testing.assert_close(m(hidden), expected)
 
 
 def test_mixer_is_causal():

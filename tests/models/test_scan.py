@@ -74,14 +74,30 @@ def test_skip_and_gate_and_bias():
     ((1, 2, 16, 300), None),    # default chunk (18), 17 chunks
 ])
 def test_fast_matches_reference_float64(shape, chunk):
-    b, d, n, length = shape
-    inputs = make_inputs(b, d, n, length)
+    assert_matches_reference(make_inputs(*shape), chunk)
+
+
+def assert_matches_reference(inputs, chunk):
+    """Outputs, last state and every gradient of the fast scan equal the reference's (float64)."""
     out_r, last_r, grads_r = run(selective_scan_ref, inputs)
     out_f, last_f, grads_f = run(selective_scan, inputs, chunk_size=chunk)
     torch.testing.assert_close(out_f, out_r, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(last_f, last_r, rtol=1e-10, atol=1e-10)
     for name, gf, gr in zip(["u", "delta", "A", "B", "C", "D", "z", "delta_bias"], grads_f, grads_r):
         torch.testing.assert_close(gf, gr, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("b,block_chunks,group_chunks", [(1, 1, 1), (2, 1, 1), (2, 2, 3), (1, 3, 2)])
+def test_blocked_sweeps_match_reference(monkeypatch, b, block_chunks, group_chunks):
+    # long sequences run each sweep a few chunks at a time (cache-sized blocks) and recompute the backward
+    # states a group of chunks at a time; shrink both limits so that 11 chunks split unevenly here
+    import xtpath.models.scan as scan
+
+    d, n, length, chunk = 3, 4, 83, 8
+    monkeypatch.setattr(scan, "_BLOCK_NUMEL", block_chunks * b * d * n)
+    monkeypatch.setattr(scan, "_GROUP_NUMEL", group_chunks * chunk * b * d * n)
+    assert len(scan._chunk_groups(11, b * d * n)) == -(-11 // block_chunks)
+    assert_matches_reference(make_inputs(b, d, n, length, seed=3), chunk)
 
 
 @settings(max_examples=25, deadline=None)

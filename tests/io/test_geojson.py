@@ -1,0 +1,35 @@
+"""QuPath GeoJSON written in bulk: tile objects and their ids."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+
+from xtpath.io.geojson import feature_collection, tile_features, uuid4_strings
+
+
+def test_uuid4_strings_are_distinct_rfc4122_version_4():
+    ids = uuid4_strings(5000)
+    assert len(ids) == 5000 and len(set(ids)) == 5000
+    parsed = [uuid.UUID(s) for s in ids]
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in parsed)
+    assert all(str(u) == s for u, s in zip(parsed, ids))  # canonical lower-case 8-4-4-4-12 form
+    assert uuid4_strings(0) == []
+
+
+def test_tile_features_geometry_class_and_measurements():
+    xy = np.array([[0, 0], [512, 256], [1024.5, 0]])
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]])
+    feats = tile_features(xy, 256, probs, ["normal", "tumour"], [(0, 200, 0), (200, 0, 0)])
+    doc = json.loads(json.dumps(feature_collection(feats)))
+    assert doc["type"] == "FeatureCollection" and len(doc["features"]) == 3
+    f = doc["features"][1]
+    assert f["geometry"]["coordinates"] == [[[512, 256], [768, 256], [768, 512], [512, 512], [512, 256]]]
+    assert f["properties"]["objectType"] == "tile"
+    assert f["properties"]["classification"] == {"name": "tumour", "color": [200, 0, 0]}
+    assert f["properties"]["measurements"] == {"prob_normal": 0.2, "prob_tumour": 0.8}
+    assert doc["features"][0]["properties"]["classification"]["name"] == "normal"
+    assert doc["features"][2]["geometry"]["coordinates"][0][1] == [1280.5, 0]
+    assert len({f["id"] for f in doc["features"]}) == 3
