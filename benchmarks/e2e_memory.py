@@ -144,7 +144,7 @@ def main() -> None:
     print(f"\n{'slide':>8} {'regions':>8} {'bounded MB':>11} {'plain MB':>10}")
     for xb, xf in zip(results["bounded"], results["full"] or [{}] * len(results["bounded"])):
         pf = f"{xf['peak_rss_mb']:.0f}" if "peak_rss_mb" in xf else (
-            f"(>{xf['projected_peak_rss_mb']:.0f})" if xf.get("skipped") else "failed")
+            f"(>{xf['projected_peak_rss_mb']:.0f})" if xf.get("skipped") else "failed" if xf else "not run")
         print(f"{xb['side']:>7}² {xb.get('regions', 0):>8} {xb.get('peak_rss_mb', float('nan')):>11.0f} {pf:>10}")
     print(f"bounded peak at largest / smallest: {ratio:.2f} (target <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'})")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from xtpath.cache import load_features, read_settings
-from xtpath.errors import CacheError
-from xtpath.extract import ExtractConfig, extract_slides
+from xtpath.errors import CacheError, XtpathError
+from xtpath.extract import ExtractConfig, extract_slides, run_device_workers
 from xtpath.io import open_slide, read_slides_csv
 from xtpath.io.tiffwriter import write_pyramid_tiff
 from xtpath.models.encoders import RegionEncoder
@@ -186,6 +186,23 @@ def test_several_device_processes(tmp_path):
                        devices=["cpu", "cpu"], progress=lambda e, d: events.append((e, d)))
     assert sorted(s.done) == ["a", "b", "c"] and not s.failed
     assert sorted(d["slide_id"] for e, d in events if e == "slide_done") == ["a", "b", "c"]
+
+
+def _worker_that_dies(rank, queue):
+    """A device worker for run_device_workers: rank 0 reports and finishes, rank 1 dies at once."""
+    if rank == 0:
+        queue.put(("slide_done", {"slide_id": "x"}))
+        queue.put(("summary", {"rank": 0}))
+    else:
+        os._exit(7)
+
+
+def test_device_workers_relay_progress_and_a_dead_worker_is_an_error_not_a_hang():
+    events = []
+    assert run_device_workers(_worker_that_dies, [(0,)], lambda e, d: events.append((e, d))) == [{"rank": 0}]
+    assert events == [("slide_done", {"slide_id": "x"})]
+    with pytest.raises(XtpathError, match=r"device worker 1 \(of 2\) died with exit status 7"):
+        run_device_workers(_worker_that_dies, [(0,), (1,)], lambda e, d: None)
 
 
 @pytest.mark.slow

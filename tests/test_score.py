@@ -131,6 +131,24 @@ def test_segmentation_outputs(runs, tmp_path):
             assert xs.min() >= 0 and xs[:, 0].max() <= slide.dimensions[0] + 256
 
 
+def test_two_device_processes_score_each_slide_once_with_the_same_result(runs, tmp_path):
+    root, csv_path = runs
+    rows = read_slides_csv(csv_path)
+    one, two = tmp_path / "one", tmp_path / "two"
+    score_slides(rows, root / "cls", one, cache_dir=root / "traincache")
+    events = []
+    s = score_slides(rows, root / "cls", two, cache_dir=root / "traincache", devices=["cpu", "cpu"],
+                     progress=lambda e, d: events.append(e))
+    assert sorted(s.scored) == sorted(r.slide_id for r in rows) and not s.failed
+    a = {p["slide_id"]: p for p in _predictions(one)}
+    b = _predictions(two)
+    assert sorted(p["slide_id"] for p in b) == sorted(a)  # every slide exactly once
+    for p in b:
+        assert p["predicted"] == a[p["slide_id"]]["predicted"]
+        assert float(p["p_touch"]) == pytest.approx(float(a[p["slide_id"]]["p_touch"]), abs=1e-6)
+    assert events  # progress from the worker processes reached the parent
+
+
 def test_report_with_labels(runs, tmp_path):
     root, csv_path = runs
     out = tmp_path / "out"

@@ -441,27 +441,54 @@ def extract_slides(rows: Sequence[SlideRow], cache_dir: str | os.PathLike[str], 
     if len(devices) <= 1:
         summary = extract_on_device(list(rows), cfg, cache, devices[0] if devices else "cpu", enc, progress)
     else:
-        import torch.multiprocessing as tmp
-
-        ctx = tmp.get_context("spawn")
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_device_worker, args=(r, list(rows), cfg, cache, devices, enc, queue))
-                 for r in range(len(devices))]
-        for p in procs:
-            p.start()
         summary = ExtractSummary()
-        pending = len(procs)
-        while pending:
-            event, data = queue.get()
-            if event == "summary":
-                summary.merge(ExtractSummary(**data))
-                pending -= 1
-            else:
-                progress(event, data)
-        for p in procs:
-            p.join()
+        for data in run_device_workers(
+                _device_worker, [(r, list(rows), cfg, cache, devices, enc) for r in range(len(devices))], progress):
+            summary.merge(ExtractSummary(**data))
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def run_device_workers(target: Callable[..., None], args: Sequence[tuple[Any, ...]],
+                       progress: Callable[[str, Any], None]) -> list[dict[str, Any]]:
+    """Run ``target(*a, queue)`` in one spawned process per ``a`` (one per device) and wait for them all.
+
+    Workers put ``(event, data)`` progress events on the queue, which are passed to ``progress``, and a last
+    ``("summary", dict)``; the summaries are returned. A worker that dies without its summary (killed, out of
+    memory, a CUDA fault) stops the others and raises instead of leaving the parent waiting forever; what the
+    workers wrote so far stays (every output is written atomically), so a rerun resumes.
+    """
+    import queue as queue_mod
+
+    import torch.multiprocessing as tmp
+
+    ctx = tmp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, queue)) for a in args]
+    for p in procs:
+        p.start()
+    summaries: list[dict[str, Any]] = []
+    try:
+        while len(summaries) < len(procs):
+            try:
+                event, data = queue.get(timeout=2.0)
+            except queue_mod.Empty:
+                dead = [(i, p.exitcode) for i, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:
+                    i, code = dead[0]
+                    raise XtpathError(f"device worker {i} (of {len(procs)}) died with exit status {code} before "
+                                      "finishing; see its messages above, then rerun to resume the missing slides")
+                continue
+            if event == "summary":
+                summaries.append(data)
+            else:
+                progress(event, data)
+    finally:
+        for p in procs:
+            if p.is_alive() and len(summaries) < len(procs):
+                p.terminate()
+            p.join()
+    return summaries
 
 
 def _clean_stale_temp(cache: Path) -> None:

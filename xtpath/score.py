@@ -35,7 +35,7 @@ import torch
 
 from xtpath.cache import cache_path, load_features, read_settings
 from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, XtpathError
-from xtpath.extract import ExtractConfig, record_failure, clear_failure
+from xtpath.extract import ExtractConfig, clear_failure, record_failure, run_device_workers
 from xtpath.io import SlideRow, open_slide
 from xtpath.io.files import atomic_path, write_json
 
@@ -439,25 +439,11 @@ def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_
     if len(devices) <= 1:
         summary = _score_rows(sm, rows, cache, out, devices[0] if devices else "cpu", progress, batch_size)
     else:
-        import torch.multiprocessing as tmp
-
-        ctx = tmp.get_context("spawn")
-        queue = ctx.Queue()
-        procs = [ctx.Process(target=_device_worker, args=(r, str(run_dir), list(rows), str(cache), str(out),
-                                                         list(devices), batch_size, queue))
-                 for r in range(len(devices))]
-        for p in procs:
-            p.start()
-        summary, pending = ScoreSummary(), len(procs)
-        while pending:
-            event, data = queue.get()
-            if event == "summary":
-                summary.merge(ScoreSummary(**data))
-                pending -= 1
-            else:
-                progress(event, data)
-        for p in procs:
-            p.join()
+        summary = ScoreSummary()
+        args = [(r, str(run_dir), list(rows), str(cache), str(out), list(devices), batch_size)
+                for r in range(len(devices))]
+        for data in run_device_workers(_device_worker, args, progress):
+            summary.merge(ScoreSummary(**data))
     summary.seconds = time.perf_counter() - t0
     return summary
 
