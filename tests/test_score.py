@@ -30,11 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ENC = {"encoder": "test_convnext", "encoder_px": 64, "region_px": 128, "target_mpp": 1.0}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(scope="module")

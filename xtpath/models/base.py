@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["ContextOutput", "ContextEncoder"]
+__all__ = ["ContextOutput", "ContextEncoder", "make_cls_token"]
 
 
 @dataclass
@@ -41,3 +42,12 @@ class ContextEncoder(nn.Module):
     def forward(self, x: Tensor, pos: Tensor,
                 region_shape: tuple[int, int]) -> ContextOutput:  # pragma: no cover
         raise NotImplementedError
+
+
+def make_cls_token(d_model: int, pool: str) -> nn.Parameter | None:
+    """A learned CLS token ``(d_model,)`` (normal, std 0.02) when ``pool == "cls"``, else ``None``."""
+    if pool != "cls":
+        return None
+    token = nn.Parameter(torch.zeros(d_model))
+    nn.init.normal_(token, std=0.02)
+    return token

@@ -36,26 +36,13 @@ class ClassificationHead(nn.Module):
         return self.fc(self.drop(self.norm(pooled)))
 
 
-class RegionHead(nn.Module):
+class RegionHead(ClassificationHead):
     """Per-region logits (a heatmap) from each region's context output, averaged over its tokens.
 
-    Parameters
-    ----------
-    dim : int
-        Context channels.
-    num_classes : int
-        Classes ``C``.
-    dropout : float
-        Dropout before the linear layer.
+    The same layers (and parameters) as :class:`ClassificationHead`, applied to every region.
     """
 
-    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, tokens: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor) -> Tensor:  # type: ignore[override]
         """``tokens`` ``(N, dim)`` or ``(N, h, w, dim)`` -> logits ``(N, C)``."""
         if tokens.dim() == 4:
             tokens = tokens.mean(dim=(1, 2))

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from xtpath.models.base import ContextEncoder, ContextOutput
+from xtpath.models.base import ContextEncoder, ContextOutput, make_cls_token
 from xtpath.models.config import ContextConfig
 from xtpath.models.gridconv import GridConv, GridLayout
 from xtpath.models.kernels import cuda_selective_scan, use_cuda_kernel
@@ -195,9 +195,7 @@ class MambaContext(ContextEncoder):
     def __init__(self, cfg: ContextConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.cls_token = nn.Parameter(torch.zeros(cfg.d_model)) if cfg.pool == "cls" else None
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=0.02)
+        self.cls_token = make_cls_token(cfg.d_model, cfg.pool)
         self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.n_layers))
 
     def forward(self, x: Tensor, pos: Tensor, region_shape: tuple[int, int]) -> ContextOutput:
