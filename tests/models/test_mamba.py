@@ -57,10 +57,18 @@ def test_mixer_matches_the_mamba_ssm_slow_path(length):
     m = Mamba(8, d_state=4, backend="torch").double()
     with torch.no_grad():
         m.conv1d.bias.normal_()
-    hidden = torch.randn(3, length, 8, dtype=torch.float64)
+    hidden = torch.randn(3, length, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, length, 8, dtype=torch.float64)
     expected = mixer_reference(m, hidden)
-    torch.testing.assert_close(m(hidden), expected)  # training path (nn.Conv1d)
-    with torch.no_grad():  # inference path (shifted products, no transposes)
+    grads_expected = torch.autograd.grad((expected * weights).sum(), [hidden, *m.parameters()])
+    out = m(hidden)
+    torch.testing.assert_close(out, expected)
+    # gradients through our time-major conv, fused scan and gate equal nn.Conv1d + the reference scan's
+    grads = torch.autograd.grad((out * weights).sum(), [hidden, *m.parameters()])
+    names = ["hidden"] + [name for name, _ in m.named_parameters()]
+    for name, g, ge in zip(names, grads, grads_expected):
+        torch.testing.assert_close(g, ge, msg=f"gradient of {name}")
+    with torch.no_grad():
         torch.testing.assert_close(m(hidden), expected)
 
 

@@ -1,4 +1,4 @@
-"""Selective scan (Mamba's S6 recurrence) in plain PyTorch: a fast chunked scan and a sequential reference.
+"""Selective scan (Mamba's S6 recurrence): fused CPU kernels, an eager chunked scan, a sequential reference.
 
 Both functions take mamba-ssm's ``selective_scan_fn`` arguments and compute, for every batch ``b``, channel
 ``d`` and state ``n``::
@@ -11,7 +11,15 @@ Both functions take mamba-ssm's ``selective_scan_fn`` arguments and compute, for
 with ``h[..., -1] = 0``. The state ``h`` has ``B * D * N * L`` entries, the one tensor that makes this
 recurrence expensive; :func:`selective_scan` never stores it whole.
 
-How the fast scan works (:class:`_ChunkedScan`, on time-major ``(B, L, D)`` tensors, which is how the Mamba
+Two fast implementations, chosen by ``impl`` (default ``"auto"``):
+
+* ``"fused"`` (CPU tensors, the default there): numba-compiled forward and backward kernels in
+  :mod:`xtpath.models.cpu_scan` that run the recurrence step by step with a block of channels' states in
+  the L1 cache, the step-size bias and softplus, the skip ``D`` and the gate ``silu(z)`` fused in, and read
+  channel-major and time-major tensors alike without transposing copies.
+* ``"chunked"`` (any device; used on GPUs without mamba-ssm): eager PyTorch, described below.
+
+How the chunked scan works (:class:`_ChunkedScan`, on time-major ``(B, L, D)`` tensors, which is how the Mamba
 mixer's projections come out; :func:`selective_scan` transposes mamba-ssm's ``(B, D, L)`` layout): the
 sequence is cut into ``K`` chunks of ``T`` steps (``T = ceil(sqrt(L))`` within 16..128). Every step of a chunk
 is done for all chunks at once, so a Python loop of ``T`` steps works on ``(B, K, D, N)`` blocks instead of
@@ -30,12 +38,10 @@ group are recomputed from the saved chunk start states and the exact gradients a
 at most about 4 M state numbers (a few chunks at a time on long sequences) so that a step's operands stay in
 the CPU cache: one block over all chunks of 64k tokens made the forward pass 1.6x slower.
 
-Speed (``benchmarks/context_scaling.py``, L=4096, d_inner 512, N 16, batch 1, float32, 2 CPU cores):
-forward+backward 0.39 s against 2.40 s for the sequential reference (6.1x; max relative error 1.2e-6 on
-outputs, 5.3e-6 on gradients); at L=1024 146x faster than mamba-ssm's reference loop as written (which
-indexes full tensors per step, so its backward grows quadratically: 11.4 s). The work is ~30 passes over
-``B*D*L*N`` numbers, which eager PyTorch runs at memory bandwidth; 20x over a sequential loop would need
-the passes fused into one kernel.
+Speed (``benchmarks/context_scaling.py``, L=4096, d_inner 512, N 16, batch 1, float32, with bias, softplus,
+skip and gate, forward+backward, 2 CPU cores): fused about 0.1 s against about 1.8 s for the sequential
+reference (about 19x; the box is noisy, 18-20x over runs; max relative error 1.6e-6 on outputs, 5.1e-6 on
+gradients); the chunked scan 0.39 s (6x), ~30 passes over ``B*D*L*N`` numbers at memory bandwidth.
 """
 
 from __future__ import annotations
@@ -47,8 +53,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xtpath.errors import InvalidParameterError
+from xtpath.models import cpu_scan
 
-__all__ = ["selective_scan", "selective_scan_ref", "scan_time_major", "default_chunk_size"]
+__all__ = ["selective_scan", "selective_scan_ref", "scan_time_major", "default_chunk_size", "SCAN_IMPLS"]
+
+#: Implementations of the fast scan (``impl`` of :func:`selective_scan`).
+SCAN_IMPLS = ("auto", "fused", "chunked")
 
 # Upper bound (in numbers) on the states of one group of chunks recomputed at a time in backward.
 _GROUP_NUMEL = 1 << 24
@@ -351,26 +361,40 @@ class _ChunkedScan(torch.autograd.Function):
         return (g_u, g_dt, g_a, g_b.view(bt, k * t, n)[:, :length], g_c.view(bt, k * t, n)[:, :length], None)
 
 
-def scan_time_major(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int | None = None
-                    ) -> tuple[Tensor, Tensor]:
-    """Core of :func:`selective_scan` in time-major layout, without bias, softplus, skip or gate.
+def scan_time_major(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chunk_size: int | None = None,
+                    impl: str = "auto", D: Tensor | None = None, z: Tensor | None = None,
+                    delta_bias: Tensor | None = None, delta_softplus: bool = False) -> tuple[Tensor, Tensor]:
+    """:func:`selective_scan` in time-major layout (what the Mamba mixer's projections give).
+
+    Step-size bias and softplus, skip ``D`` and gate ``z`` are fused into the CPU kernels.
 
     Parameters
     ----------
     u, dt : Tensor
-        Input and (positive) step sizes, ``(B, L, D)``.
+        Input and step sizes (before ``delta_bias`` and softplus, if given), ``(B, L, D)``.
     A : Tensor
         ``(D, N)``.
     B, C : Tensor
         ``(B, L, N)``.
     chunk_size : int, optional
         Steps per chunk; default chosen from the sizes.
+    impl : str
+        ``"fused"``: the compiled CPU kernels of :mod:`xtpath.models.cpu_scan`; ``"chunked"``: the eager
+        PyTorch chunked scan (any device); ``"auto"``: fused for CPU tensors when numba is available.
+    D : Tensor, optional
+        Skip weight ``(D,)``: ``y += D u``.
+    z : Tensor, optional
+        Gate ``(B, L, D)``: ``y *= silu(z)`` (after the skip).
+    delta_bias : Tensor, optional
+        Added to ``dt``, ``(D,)``.
+    delta_softplus : bool
+        Apply softplus to ``dt`` (after the bias).
 
     Returns
     -------
     (Tensor, Tensor)
-        ``y = sum_n C h`` ``(B, L, D)`` and the last state ``(B, D, N)``, both differentiable, in float64
-        for float64 ``u`` and float32 otherwise (also under autocast).
+        ``y = sum_n C h`` (then skip and gate) ``(B, L, D)`` and the last state ``(B, D, N)``, both
+        differentiable, in float64 for float64 ``u`` and float32 otherwise (also under autocast).
     """
     bt, length, d = u.shape
     n = A.shape[1]
@@ -378,13 +402,39 @@ def scan_time_major(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chun
     if length == 0:
         return u.new_zeros(u.shape, dtype=dtype), u.new_zeros(bt, d, n, dtype=dtype)
     chunk = chunk_size or default_chunk_size(length)
+    fused = _use_fused(impl, u.device)
     with torch.autocast(u.device.type, enabled=False):  # always float32/64 inside, even under AMP
-        return _ChunkedScan.apply(*(t.to(dtype).contiguous() for t in (u, dt, A, B, C)), chunk)
+        args = [t.to(dtype) for t in (u, dt, A, B, C)]
+        D, z, bias = (None if t is None else t.to(dtype) for t in (D, z, delta_bias))
+        if fused:  # reads strided views: channel-major callers need no transposing copies
+            return cpu_scan.fused_scan(*args, chunk, D=D, z=z, delta_bias=bias, delta_softplus=delta_softplus)
+        if bias is not None:
+            args[1] = args[1] + bias
+        if delta_softplus:
+            args[1] = F.softplus(args[1])
+        y, last = _ChunkedScan.apply(*(t.contiguous() for t in args), chunk)
+        if D is not None:
+            y = y + args[0] * D
+        return (y if z is None else y * F.silu(z)), last
+
+
+def _use_fused(impl: str, device: torch.device) -> bool:
+    if impl not in SCAN_IMPLS:
+        raise InvalidParameterError(f"selective_scan: impl must be one of {', '.join(SCAN_IMPLS)}, got {impl!r}")
+    if impl == "fused":
+        if device.type != "cpu":
+            raise InvalidParameterError(f"selective_scan: impl='fused' runs on CPU tensors, these are on "
+                                        f"{device}; use impl='auto'")
+        if not cpu_scan.available():
+            raise InvalidParameterError("selective_scan: impl='fused' needs numba (pip install numba); "
+                                        "use impl='auto'")
+        return True
+    return impl == "auto" and device.type == "cpu" and cpu_scan.available()
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                   return_last_state: bool = False, *, chunk_size: int | None = None
+                   return_last_state: bool = False, *, chunk_size: int | None = None, impl: str = "auto"
                    ) -> Tensor | tuple[Tensor, Tensor]:
     """Fast selective scan in PyTorch (any device), with mamba-ssm's ``selective_scan_fn`` signature.
 
@@ -415,6 +465,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     chunk_size : int, optional
         Steps per chunk ``T``; default :func:`default_chunk_size` of ``L``. Results do not depend on it
         beyond float rounding.
+    impl : str
+        ``"auto"`` (fused compiled kernels for CPU tensors, else the chunked PyTorch scan), ``"fused"`` or
+        ``"chunked"``.
 
     Returns
     -------
@@ -430,9 +483,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     if chunk_size is not None and chunk_size < 1:
         raise InvalidParameterError(f"selective_scan: chunk_size must be >= 1, got {chunk_size}")
     dtype_in, dtype = u.dtype, _compute_dtype(u)
-    uf = u.to(dtype)
-    dt = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
     t = lambda x: x.to(dtype).transpose(1, 2)  # noqa: E731
-    y, last = scan_time_major(t(uf), t(dt), A.to(dtype), t(B), t(C), chunk_size)
-    out = _finish(y.transpose(1, 2), uf, D, z, dtype_in)
+    y, last = scan_time_major(t(u), t(delta), A.to(dtype), t(B), t(C), chunk_size, impl, D=D,
+                              z=None if z is None else t(z), delta_bias=delta_bias,
+                              delta_softplus=delta_softplus)
+    out = y.transpose(1, 2).to(dtype_in)
     return (out, last) if return_last_state else out
