@@ -132,3 +132,31 @@ def test_kernel_path_matches_our_scan_with_the_same_weights():
     torch.testing.assert_close(g2, g1, rtol=1e-3, atol=1e-4)
     for name in p1:
         torch.testing.assert_close(p2[name], p1[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_block_equals_the_mean_of_the_mixer_over_scan_orders(flip):
+    # the block projects once and reorders the projections; by definition it is the mean over orders of
+    # the full mixer run on each order's sequence, put back in place
+    from xtpath.models.mamba import MambaBlock
+    from xtpath.models.orders import inverse_permutation, scan_orders
+
+    torch.manual_seed(0)
+    cfg = ContextConfig(name="mamba", d_model=16, n_layers=1, conv2d=0, backend="torch")
+    block = MambaBlock(cfg).double()
+    pos = torch.tensor([[r, c] for r in range(3) for c in range(4) if (r, c) != (1, 2)])  # a hole
+    x = torch.randn(len(pos), 16, dtype=torch.float64, requires_grad=True)
+    orders = scan_orders(pos, "cross")
+    index = torch.stack(orders)
+    inverse = torch.stack([inverse_permutation(o) for o in orders])
+    out = block(x, None, index, inverse, flip)
+    h = block.norm(x)
+    outs = []
+    for order, inv in zip(orders, inverse):
+        seq = h[order][None]
+        y = block.mixer(seq.flip(1) if flip else seq)[0]
+        outs.append((y.flip(0) if flip else y)[inv])
+    expected = h + torch.stack(outs).mean(0)
+    torch.testing.assert_close(out, expected)
+    g, ge = (torch.autograd.grad(t.square().sum(), x)[0] for t in (out, expected))
+    torch.testing.assert_close(g, ge)

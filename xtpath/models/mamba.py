@@ -95,10 +95,19 @@ class Mamba(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         """``hidden``: ``(B, L, d_model)`` -> ``(B, L, d_model)``, causal along ``L``."""
-        length = hidden.shape[1]
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)  # (B, L, d_inner) each
+        return self.out_proj(self.mix(self.in_proj(hidden)))
+
+    def mix(self, xz: Tensor) -> Tensor:
+        """Everything between the two projections: ``xz = in_proj(hidden)`` ``(B, L, 2 d_inner)`` ->
+        ``(B, L, d_inner)``, the input of ``out_proj``: conv + silu, the selective scan, skip and gate.
+
+        The projections act on each token alone, so a caller running several orders of the same tokens
+        can project once and reorder ``xz`` (and average before ``out_proj``); see :class:`MambaBlock`.
+        """
+        length = xz.shape[1]
+        x, z = xz.chunk(2, dim=-1)  # (B, L, d_inner) each
         A = -torch.exp(self.A_log.float())
-        if use_cuda_kernel(self.backend, hidden.is_cuda):
+        if use_cuda_kernel(self.backend, xz.is_cuda):
             x = F.silu(self.conv1d(x.transpose(1, 2))[..., :length])  # (B, d_inner, L)
             dt, B, C = self._project(x.transpose(1, 2))
             y = cuda_selective_scan()(
@@ -114,7 +123,7 @@ class Mamba(nn.Module):
             # fused pass on CPU
             y, _ = scan_time_major(x, dt, A, B, C, self.scan_chunk, D=self.D, z=z,
                                    delta_bias=self.dt_proj.bias, delta_softplus=True)
-        return self.out_proj(y)
+        return y
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x`` ``(B, L, d_inner)`` -> ``dt`` (before bias) ``(B, L, d_inner)``, ``B``, ``C`` ``(B, L, N)``."""
@@ -170,14 +179,17 @@ class MambaBlock(nn.Module):
             u = grid + self.conv2d(grid, layout)
             if cls:
                 u = torch.cat([u, h[-1:]])
-        seqs = u[index]  # (K, L + 1, d)
+        # The mixer's projections act on each token alone: project the tokens once, reorder the projections
+        # per scan order, and average the orders before out_proj (linear), instead of running both
+        # projections K times (3.3x fewer multiply-adds with 4 orders; the same result up to rounding).
+        seqs = self.mixer.in_proj(u)[index]  # (K, L + 1, 2 d_inner)
         if flip:
             seqs = seqs.flip(1)
-        y = self.mixer(seqs)
+        y = self.mixer.mix(seqs)
         if flip:
             y = y.flip(1)
         y = torch.gather(y, 1, inverse[..., None].expand(-1, -1, y.shape[-1])).mean(0)
-        return h + self.drop(y)
+        return h + self.drop(self.mixer.out_proj(y))
 
 
 class MambaContext(ContextEncoder):
