@@ -103,3 +103,20 @@ def test_check_grid_errors():
     with pytest.raises(InvalidParameterError, match="at least one region"):
         check_grid(torch.zeros(0, 2, dtype=torch.long), 0)
     assert check_grid(torch.tensor([[-3, 4]], dtype=torch.int32), 1).dtype == torch.long
+
+
+def test_permute_rows_matches_indexing_values_and_gradients():
+    from xtpath.models.orders import inverse_permutation, permute_rows
+
+    g = torch.Generator().manual_seed(0)
+    perms = torch.stack([torch.randperm(7, generator=g) for _ in range(3)])
+    inv = torch.stack([inverse_permutation(p) for p in perms])
+    shared = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    batched = torch.randn(3, 7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(3, 7, 5, dtype=torch.float64, generator=g)
+    for x, expected in ((shared, shared[perms]), (batched, torch.stack([batched[k][perms[k]] for k in range(3)]))):
+        out = permute_rows(x, perms, inv)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        got, want = (torch.autograd.grad((t * w).sum(), x)[0] for t in (out, expected))
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda x: permute_rows(x, perms, inv), (shared,))

@@ -13,7 +13,7 @@ from torch import Tensor
 from xtpath.errors import InvalidParameterError
 
 __all__ = ["SCAN_ORDERS", "raster_order", "column_order", "nested_order", "hilbert_index", "hilbert_order",
-           "scan_orders", "inverse_permutation"]
+           "scan_orders", "inverse_permutation", "permute_rows"]
 
 #: Scan options of the Mamba context encoder and the orders each runs in every layer.
 SCAN_ORDERS = {
@@ -145,3 +145,45 @@ def scan_orders(pos: Tensor, scan: str, region_shape: tuple[int, int] = (1, 1)) 
         raise InvalidParameterError(f"context.scan={scan!r} is not a scan option; use one of "
                                     f"{sorted(SCAN_ORDERS)}")
     return [p for f in fwd for p in (f, f.flip(0))]
+
+
+class _PermuteRows(torch.autograd.Function):
+    """``out[k] = x[perm[k]]`` (``x`` ``(L, C)`` shared by all orders) or ``x[k][perm[k]]`` (``x`` ``(K, L, C)``).
+
+    Backward gathers the gradient with the inverse permutations (and sums over orders for a shared ``x``)
+    instead of autograd's scatter-add (``index_put_`` with accumulation), which took 1.4 s of an 18 s
+    training step on 16k tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inv)
+        ctx.shared = x.dim() == 2
+        return _take_rows(x, perm)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (inv,) = ctx.saved_tensors
+        back = _take_rows(g, inv)
+        return (back.sum(0) if ctx.shared else back), None, None
+
+
+def _take_rows(x: Tensor, perm: Tensor) -> Tensor:
+    """``(L, C)`` or ``(K, L, C)`` -> ``(K, L, C)`` by one ``index_select`` of whole rows (a row copy each;
+    ``torch.gather`` with an expanded index reads an index per number and was 3x slower)."""
+    k, length = perm.shape
+    if x.dim() == 2:
+        return x.index_select(0, perm.reshape(-1)).view(k, length, x.shape[-1])
+    offsets = torch.arange(0, k * length, length, device=perm.device)[:, None]
+    flat = x.reshape(k * length, x.shape[-1])
+    return flat.index_select(0, (perm + offsets).reshape(-1)).view(k, length, x.shape[-1])
+
+
+def permute_rows(x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
+    """Rows of ``x`` in ``K`` orders: ``(L, C)`` -> ``(K, L, C)`` with ``out[k] = x[perm[k]]``, or ``(K, L, C)``
+    -> ``(K, L, C)`` with ``out[k] = x[k][perm[k]]``; ``inv`` ``(K, L)`` holds the inverse permutations.
+
+    Differentiable, with a backward that gathers instead of scattering (``perm`` must be permutations).
+    """
+    return _PermuteRows.apply(x, perm, inv)
