@@ -66,14 +66,25 @@ def available() -> bool:
     return numba is not None
 
 
+def _njit(**options):  # type: ignore[no-untyped-def]
+    """``numba.njit`` with our options, cached on disk when numba finds a writable place (next to this file
+    or in the user's cache folder); on a read-only install with no writable home it compiles per process."""
+    def decorate(fn):  # type: ignore[no-untyped-def]
+        try:
+            return numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", **options)(fn)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return numba.njit(nogil=True, fastmath=True, cache=False, error_model="numpy", **options)(fn)
+    return decorate
+
+
 if numba is not None:
-    _jit = numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy")
+    _jit = _njit()
 
     # Layout inside the kernels: channels last and innermost, so that every inner loop runs over a block's
     # channels (long, contiguous, SIMD-friendly); the states of a block are (N, channels). ``At`` is
     # ``A`` transposed, (N, D); the stored chunk start states are (Bt, K, N, D).
 
-    @numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    @_njit(inline="always")
     def _exp_parts(x):  # pragma: no cover - compiled
         """Float32 ``exp(x) = p * 2**k``: returns ``p`` and the int32 bits of the float ``2**k``.
 
@@ -91,7 +102,7 @@ if numba is not None:
         p = p * r + _POLY[1]
         return p * r + _POLY[0], (np.int32(k) + 127) << 23
 
-    @numba.njit(nogil=True, fastmath=True, cache=True, error_model="numpy", inline="always")
+    @_njit(inline="always")
     def _exp_row(x, out, bits, exact):  # pragma: no cover - compiled
         """``out[j] = exp(x[j])`` over 1-D rows; ``bits``: int32 scratch row (float32 path)."""
         if exact:

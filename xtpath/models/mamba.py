@@ -3,13 +3,15 @@
 The mixer :class:`Mamba` has mamba-ssm's parameters, initialisation and state-dict names (``in_proj``,
 ``conv1d``, ``x_proj``, ``dt_proj``, ``A_log``, ``D``, ``out_proj``; ``A = -exp(A_log)``, softplus on
 ``dt + dt_proj.bias``). Its scan runs in mamba-ssm's fused CUDA kernel when that is installed and the
-tensors are on CUDA, and in our PyTorch scan (:mod:`xtpath.models.scan`) otherwise; same weights, same
-outputs.
+tensors are on CUDA, and in our scan (:mod:`xtpath.models.scan`) otherwise: on CPU the numba kernels of
+:mod:`xtpath.models.cpu_scan` (conv + silu, and scan with softplus, skip and gate), elsewhere the eager
+chunked scan; same weights, same outputs.
 
 A layer of :class:`MambaContext` is xT's block ``h = LayerNorm(x); out = h + Mamba(h)``, widened to 2-D:
 a depthwise convolution over the token grid (holes are zeros) and several scan orders of the same tokens
 (row-major and column-major, both directions, by default), run as one batch through the shared mixer and
-averaged back in place. ``scan="xt"`` keeps xT's plain version: one nested raster order, flipped on even
+averaged back in place. The mixer's input and output projections act on each token alone, so they run once
+per token, not once per order (the orders are averaged before ``out_proj``). ``scan="xt"`` keeps xT's plain version: one nested raster order, flipped on even
 layers, no grid convolution.
 
 Arrangement task (``benchmarks/arrangement.py``: 64 training slides, do two marked regions touch?), held-out
