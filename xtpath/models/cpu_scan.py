@@ -415,8 +415,9 @@ if numba is not None:
 
 
     @_jit
-    def _conv_silu_pre(x, wT, bias, b, t, c0, ring, pre):  # pragma: no cover - compiled
-        """``pre[j] = bias[c] + sum_k wT[k, c] x[b, t - (K-1) + k, c]`` for channels ``c = c0 + j``.
+    def _conv_silu_pre(x, wT, bias, b, t, c0, ring, pre, e, bits, exact):  # pragma: no cover - compiled
+        """``pre[j] = bias[c] + sum_k wT[k, c] x[b, t - (K-1) + k, c]`` for channels ``c = c0 + j``, and
+        ``e = exp(-pre)`` (``silu(pre) = pre / (1 + e)``; ``bits``: int32 scratch row).
 
         ``ring`` ``(K, nc)`` holds the last ``K`` rows of ``x`` (row ``t`` at ``t % K``, zeros before the
         start); this call copies row ``t`` in, so every other loop reads contiguous rows (``x`` is often a
@@ -434,6 +435,9 @@ if numba is not None:
             wr = wT[k, c0:c0 + nc]
             for j in range(nc):
                 pre[j] += wr[j] * rr[j]
+        for j in range(nc):
+            e[j] = -pre[j]
+        _exp_row(e, e, bits, exact)
 
     @_jit
     def _conv_silu_forward(x, wT, bias, exact, c0, c1, out):  # pragma: no cover - compiled
@@ -447,10 +451,7 @@ if numba is not None:
         for b in range(bt):
             ring[:] = 0
             for t in range(length):
-                _conv_silu_pre(x, wT, bias, b, t, c0, ring, pre)
-                for j in range(nc):
-                    e[j] = -pre[j]
-                _exp_row(e, e, bits, exact)
+                _conv_silu_pre(x, wT, bias, b, t, c0, ring, pre, e, bits, exact)
                 orow = out[b, t, c0:c1]
                 for j in range(nc):
                     orow[j] = pre[j] / (1 + e[j])
@@ -472,10 +473,7 @@ if numba is not None:
         for b in range(bt):
             ring[:] = 0
             for t in range(length):
-                _conv_silu_pre(x, wT, bias, b, t, c0, ring, pre)
-                for j in range(nc):
-                    e[j] = -pre[j]
-                _exp_row(e, e, bits, exact)
+                _conv_silu_pre(x, wT, bias, b, t, c0, ring, pre, e, bits, exact)
                 gr = gout[b, t, c0:c1]
                 for j in range(nc):
                     sig = 1 / (1 + e[j])
