@@ -523,6 +523,8 @@ def _run(fn, ranges: list[tuple[int, int]]) -> None:
     with _pool_lock:
         key = (os.getpid(), len(ranges))  # threads do not survive fork: a child makes its own pool
         if _pool is None or _pool_key != key:
+            if _pool is not None and _pool_key is not None and _pool_key[0] == key[0]:
+                _pool.shutdown(wait=False)  # the thread count changed: let the old threads go
             _pool = ThreadPoolExecutor(len(ranges), thread_name_prefix="xtpath-scan")
             _pool_key = key
         pool = _pool

@@ -39,9 +39,10 @@ at most about 4 M state numbers (a few chunks at a time on long sequences) so th
 the CPU cache: one block over all chunks of 64k tokens made the forward pass 1.6x slower.
 
 Speed (``benchmarks/context_scaling.py``, L=4096, d_inner 512, N 16, batch 1, float32, with bias, softplus,
-skip and gate, forward+backward, 2 CPU cores): fused about 0.1 s against about 1.8 s for the sequential
-reference (about 19x; the box is noisy, 18-20x over runs; max relative error 1.6e-6 on outputs, 5.1e-6 on
-gradients); the chunked scan 0.39 s (6x), ~30 passes over ``B*D*L*N`` numbers at memory bandwidth.
+skip and gate, forward+backward, best of 7, 2 CPU cores): fused 0.11 s against 2.3 s for the sequential
+reference (21x in the last runs, 18-21x over the session on this noisy box; max relative error 1.6e-6 on
+outputs, 5.1e-6 on gradients); the chunked scan 0.33 s (7x), ~30 passes over ``B*D*L*N`` numbers at memory
+bandwidth.
 """
 
 from __future__ import annotations
