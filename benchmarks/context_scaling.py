@@ -162,7 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--scan-only", action="store_true")
     parser.add_argument("--skip-scan", action="store_true")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "context_scaling.json",
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).parent / "results" / "context_scaling.json",
                         help="JSON file for the results (default: %(default)s)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -114,7 +114,8 @@ def test_permute_rows_matches_indexing_values_and_gradients():
     shared = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
     batched = torch.randn(3, 7, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(3, 7, 5, dtype=torch.float64, generator=g)
-    for x, expected in ((shared, shared[perms]), (batched, torch.stack([batched[k][perms[k]] for k in range(3)]))):
+    by_order = torch.stack([batched[k][perms[k]] for k in range(3)])
+    for x, expected in ((shared, shared[perms]), (batched, by_order)):
         out = permute_rows(x, perms, inv)
         torch.testing.assert_close(out, expected, rtol=0, atol=0)
         got, want = (torch.autograd.grad((t * w).sum(), x)[0] for t in (out, expected))

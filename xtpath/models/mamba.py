@@ -11,8 +11,8 @@ A layer of :class:`MambaContext` is xT's block ``h = LayerNorm(x); out = h + Mam
 a depthwise convolution over the token grid (holes are zeros) and several scan orders of the same tokens
 (row-major and column-major, both directions, by default), run as one batch through the shared mixer and
 averaged back in place. The mixer's input and output projections act on each token alone, so they run once
-per token, not once per order (the orders are averaged before ``out_proj``). ``scan="xt"`` keeps xT's plain version: one nested raster order, flipped on even
-layers, no grid convolution.
+per token, not once per order (the orders are averaged before ``out_proj``). ``scan="xt"`` keeps xT's
+plain version: one nested raster order, flipped on even layers, no grid convolution.
 
 Arrangement task (``benchmarks/arrangement.py``: 64 training slides, do two marked regions touch?), held-out
 accuracy, mean of 3 seeds: ``scan="cross"`` 1.00 (0.98 without the grid convolution), ``"hilbert"`` 0.87,
@@ -136,8 +136,8 @@ class Mamba(nn.Module):
         """``silu(conv1d(x))`` (depthwise, causal) on time-major ``x`` ``(B, L, d_inner)``, same layout.
 
         On CPU in float32/64, the fused kernel of :mod:`xtpath.models.cpu_scan` (one pass each way);
-        elsewhere ``nn.Conv1d`` between two transposes (at 4096 tokens x 4 orders x 512 channels on CPU,
-        the transposing copies and the depthwise kernel took 0.34 s per layer, forward and backward).
+        elsewhere ``nn.Conv1d`` between two transposes (profiled at 4096 tokens x 4 orders x 512 channels
+        on CPU: the transposing copies and the depthwise kernel took about 0.3 s per layer, both passes).
         """
         w = self.conv1d.weight[:, 0, :]
         if x.device.type == "cpu" and cpu_scan.available() and x.dtype == w.dtype and \

@@ -148,7 +148,8 @@ def scan_orders(pos: Tensor, scan: str, region_shape: tuple[int, int] = (1, 1)) 
 
 
 class _PermuteRows(torch.autograd.Function):
-    """``out[k] = x[perm[k]]`` (``x`` ``(L, C)`` shared by all orders) or ``x[k][perm[k]]`` (``x`` ``(K, L, C)``).
+    """``out[k] = x[perm[k]]`` (``x`` ``(L, C)``, shared by all orders) or ``x[k][perm[k]]`` (``x``
+    ``(K, L, C)``).
 
     Backward gathers the gradient with the inverse permutations (and sums over orders for a shared ``x``)
     instead of autograd's scatter-add (``index_put_`` with accumulation), which took 1.4 s of an 18 s
@@ -171,7 +172,8 @@ class _PermuteRows(torch.autograd.Function):
 
 def _take_rows(x: Tensor, perm: Tensor) -> Tensor:
     """``(L, C)`` or ``(K, L, C)`` -> ``(K, L, C)`` by one ``index_select`` of whole rows (a row copy each;
-    ``torch.gather`` with an expanded index reads an index per number and was 3x slower)."""
+    ``torch.gather`` with an expanded index reads an index per number; with autograd's scatter-add
+    backward, 2x slower forward+backward at 16k tokens x 4 orders)."""
     k, length = perm.shape
     if x.dim() == 2:
         return x.index_select(0, perm.reshape(-1)).view(k, length, x.shape[-1])
@@ -181,8 +183,9 @@ def _take_rows(x: Tensor, perm: Tensor) -> Tensor:
 
 
 def permute_rows(x: Tensor, perm: Tensor, inv: Tensor) -> Tensor:
-    """Rows of ``x`` in ``K`` orders: ``(L, C)`` -> ``(K, L, C)`` with ``out[k] = x[perm[k]]``, or ``(K, L, C)``
-    -> ``(K, L, C)`` with ``out[k] = x[k][perm[k]]``; ``inv`` ``(K, L)`` holds the inverse permutations.
+    """Rows of ``x`` in ``K`` orders: ``(L, C)`` -> ``(K, L, C)`` with ``out[k] = x[perm[k]]``, or
+    ``(K, L, C)`` -> ``(K, L, C)`` with ``out[k] = x[k][perm[k]]``; ``inv`` ``(K, L)`` holds the inverse
+    permutations.
 
     Differentiable, with a backward that gathers instead of scattering (``perm`` must be permutations).
     """

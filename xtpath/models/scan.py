@@ -421,7 +421,8 @@ def scan_time_major(u: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, chun
 
 def _use_fused(impl: str, device: torch.device) -> bool:
     if impl not in SCAN_IMPLS:
-        raise InvalidParameterError(f"selective_scan: impl must be one of {', '.join(SCAN_IMPLS)}, got {impl!r}")
+        raise InvalidParameterError(f"selective_scan: impl must be one of {', '.join(SCAN_IMPLS)}, "
+                                    f"got {impl!r}")
     if impl == "fused":
         if device.type != "cpu":
             raise InvalidParameterError(f"selective_scan: impl='fused' runs on CPU tensors, these are on "
