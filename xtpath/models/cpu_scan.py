@@ -530,8 +530,9 @@ def _run(fn, ranges: list[tuple[int, int]]) -> None:
                 _pool.shutdown(wait=False)  # the thread count changed: let the old threads go
             _pool = ThreadPoolExecutor(len(ranges), thread_name_prefix="xtpath-scan")
             _pool_key = key
-        pool = _pool
-    for future in [pool.submit(fn, *r) for r in ranges]:
+        # submitted under the lock: another caller cannot shut this pool down in between
+        futures = [_pool.submit(fn, *r) for r in ranges]
+    for future in futures:
         future.result()
 
 
