@@ -13,6 +13,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: demo test install clean
 
 $(VENV)/.installed-base: pyproject.toml
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4/1048576)}'); \
+	  if [ "$$free" -lt 9 ]; then echo "make: warning: only $$free GB free on $$(df -P . | awk 'NR==2 {print $$6}');" \
+	  "the install needs about 9 GB (the pinned PyTorch is a 5.5 GB CUDA build): free space or pass a smaller" \
+	  "build, e.g. TORCH=\"torch torchvision --index-url https://download.pytorch.org/whl/cpu\"" >&2; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
