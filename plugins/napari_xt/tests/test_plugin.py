@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -157,17 +158,34 @@ def test_run_widget_scores_the_slide(make_napari_viewer, qtbot):
     assert np.isfinite(heat).sum() == n
 
 
-def test_run_widget_cancels(make_napari_viewer, qtbot, tissue_slide):
+def test_run_widget_cancels(make_napari_viewer, qtbot, tissue_slide, monkeypatch):
+    import xtpath.score
+
+    # The real scoring, held after its first chunk until the test has pressed Cancel: otherwise a fast machine
+    # scores all 100 regions before the click arrives (seen in CI) and there is nothing left to cancel.
+    real, clicked = xtpath.score.iter_score_slide, threading.Event()
+
+    def held_after_first_chunk(*args, **kwargs):
+        for i, update in enumerate(real(*args, **kwargs)):
+            yield update
+            if i == 0:
+                clicked.wait(120)
+
+    monkeypatch.setattr(xtpath.score, "iter_score_slide", held_after_first_chunk)
     viewer = make_napari_viewer(show=True)
     viewer.open(tissue_slide, plugin="napari-xt")
     widget = RunWidget(viewer)
     widget.model_edit.setText(str(sample_paths()["run"]))
     widget.run()
     qtbot.waitUntil(lambda: widget.last_update is not None or widget.state == "error", timeout=120_000)
+    assert widget.state == "running", widget.status.text()
     widget.cancel()
+    clicked.set()
     qtbot.waitUntil(lambda: not widget.cancel_button.isEnabled(), timeout=120_000)
     assert widget.state == "cancelled" and "cancelled after" in widget.status.text()
-    assert widget.last_update.done < widget.last_update.total == 100
+    # stopped at the next chunk of 16 regions at the latest, with the heatmap of what was scored
+    assert widget.last_update.done <= 32 < widget.last_update.total == 100
+    assert f"cancelled after {widget.last_update.done} regions" in widget.status.text()
 
 
 def test_run_widget_says_what_is_missing(make_napari_viewer):
