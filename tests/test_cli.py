@@ -99,3 +99,21 @@ def test_errors_are_one_line_with_status_1(tmp_path, args, needle):
 def test_usage_error_exit_code():
     r = xtpath("tile", DATA / "CMU-1-Small-Region.svs", "--target-mpp", "0.5")
     assert r.returncode == 2 and "--region-px" in r.stderr
+
+
+def test_a_file_where_a_folder_belongs_is_one_line_not_a_traceback(tmp_path):
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder\n")
+    r = xtpath("demo-data", str(blocker / "data"), "--n-slides", "4", "--grid", "5")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {blocker}") and "choose another output folder" in lines[0]
+
+
+def test_tile_refuses_a_target_mpp_far_finer_than_the_slide(tmp_path):
+    r = xtpath("tile", str(DATA / "dicom-camelyon-jpeg"), "--target-mpp", "0.5", "--region-px", "256")
+    assert r.returncode == 1
+    assert "level 0 is 28.97 µm/px, 57.9x coarser than --target-mpp 0.5" in r.stderr
+    assert "about 4 real pixels blown up to 256" in r.stderr
+    ok = xtpath("tile", str(DATA / "dicom-camelyon-jpeg"), "--target-mpp", "16", "--region-px", "64", "--no-tissue")
+    assert ok.returncode == 0, ok.stderr

@@ -256,3 +256,31 @@ def test_cli_extract_reports_bad_csv_rows(tmp_path):
                                      f"error: slides.csv:3: slide 'missing.svs' not found (looked at "
                                      f"{tmp_path / 'missing.svs'})"]
     assert not (tmp_path / "c").exists()
+
+
+def test_weights_that_do_not_fit_stop_the_run_once_not_per_slide(tmp_path):
+    from safetensors.torch import save_file
+
+    from xtpath.errors import CheckpointError
+
+    vit = RegionEncoder("test_vit", input_px=64)
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.model.state_dict().items()}, str(path))
+    csv = _csv(tmp_path, [("a", DATA / "CMU-1-Small-Region.svs", None), ("b", DATA / "OS-1-detail.ome.tif", None)])
+    cache = tmp_path / "cache"
+    with pytest.raises(CheckpointError, match="vit.safetensors: weights do not fit encoder 'test_convnext'"):
+        extract_slides(read_slides_csv(csv), cache, ExtractConfig(**{**ENC, "num_workers": 0}, weights=str(path)))
+    assert not (cache / "failures.csv").exists() and not list(cache.glob("*.h5"))
+    r = _run("extract", csv, "--out", tmp_path / "c2", "--encoder", "test_convnext", "--weights",
+             tmp_path / "missing.safetensors")
+    assert r.returncode == 1 and "error: --weights" in r.stderr and "missing.safetensors: no such file" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_slide_far_coarser_than_the_target_mpp_fails_with_the_reason(tmp_path):
+    csv = _csv(tmp_path, [("thumb", DATA / "dicom-camelyon-jpeg", None), ("cmu", DATA / "CMU-1-Small-Region.svs", None)])
+    cache = tmp_path / "cache"
+    summary = extract_slides(read_slides_csv(csv), cache, ExtractConfig(**{**ENC, "num_workers": 0}))
+    assert summary.done == ["cmu"] and list(summary.failed) == ["thumb"]
+    assert "28.97 µm/px, 29x coarser than --target-mpp 1" in summary.failed["thumb"]
+    assert "thumb" in (cache / "failures.csv").read_text()

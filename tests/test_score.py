@@ -153,9 +153,26 @@ def test_report_with_labels(runs, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "8 slides scored, 0 failed" in r.stdout and "balanced_accuracy" in r.stdout
     rep = json.loads((out / "report" / "report.json").read_text())
-    assert rep["n_labelled"] == 8 and set(rep["metrics"]) >= {"accuracy", "auc", "f1", "confusion_matrix"}
+    # the model trained and validated on most of these slides: only its test split counts
+    with open(root / "cls" / "splits.csv") as f:
+        parts = {x["slide_id"]: x["split"] for x in csv.DictReader(f)}
+    held_out = sum(v == "test" for v in parts.values())
+    assert len(parts) == 8 and 1 <= held_out < 8
+    assert rep["excluded_seen"] == 8 - held_out and f"left out {8 - held_out} labelled slides" in r.stdout
+    assert rep["n_labelled"] == held_out and set(rep["metrics"]) >= {"accuracy", "auc", "f1", "confusion_matrix"}
     assert (out / "report" / "roc.png").exists() and (out / "report" / "confusion.png").exists()
-    assert sum(map(sum, rep["metrics"]["confusion_matrix"])) == 8
+    assert sum(map(sum, rep["metrics"]["confusion_matrix"])) == held_out
+    # labels alone (no path column), a row without a label and a labelled slide that was never scored
+    labels = tmp_path / "labels.csv"
+    rows = read_slides_csv(csv_path)
+    labels.write_text("slide_id,label\n" + "".join(f"{r.slide_id},{r.label if i else ''}\n" for i, r in enumerate(rows))
+                      + "never_scored,touch\n")
+    r = _xtpath("report", out, "--labels", labels)
+    assert r.returncode == 0, r.stderr
+    assert "1 labelled slides have no prediction (not scored, or failed): never_scored" in r.stdout
+    rep = json.loads((out / "report" / "report.json").read_text())
+    assert rep["labelled_not_scored"] == ["never_scored"]
+    assert rep.get("n_labelled", 0) + rep["excluded_seen"] == 7  # the first row has no label
 
 
 def test_shards_cover_the_csv_exactly_once(runs, tmp_path):
@@ -234,9 +251,72 @@ def test_snakemake_workflow_on_three_slides_one_corrupt(runs, tmp_path):
         fails = list(csv.DictReader(f))
     assert [x["slide_id"] for x in fails] == ["broken"] and "cannot decode" in fails[0]["message"]
     rep = json.loads((out / "report" / "report.json").read_text())
-    assert rep["n_scored"] == 2 and rep["n_failed"] == 1 and rep["n_labelled"] == 2
+    assert rep["n_scored"] == 2 and rep["n_failed"] == 1
+    assert rep.get("n_labelled", 0) + rep.get("excluded_seen", 0) == 2  # training slides are left out
     for x in good:
         assert (out / x.slide_id / "heatmap.png").exists()
     # a second run has nothing to do
     again = subprocess.run([*snake, "-n"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+def test_a_model_refuses_caches_made_at_another_resolution(runs, tmp_path):
+    root, csv_path = runs
+    rows = read_slides_csv(csv_path)[:1]
+    other = tmp_path / "other"
+    extract_slides(rows, other, ExtractConfig(**{**ENC, "target_mpp": 2.0}, num_workers=0))
+    with pytest.raises(CacheError, match="made with target_mpp=2.0 but the model was trained on 1.0"):
+        score_slides(rows, root / "cls", tmp_path / "out", cache_dir=other)
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_an_output_folder_holds_the_scores_of_one_model(runs, tmp_path):
+    root, csv_path = runs
+    rows = read_slides_csv(csv_path)[:1]
+    out = tmp_path / "out"
+    score_slides(rows, root / "cls", out, cache_dir=root / "traincache")
+    rec = json.loads((out / "score.json").read_text())
+    assert rec["model"] == str((root / "cls").resolve()) and len(rec["model_sha256"]) == 64
+    # another model would otherwise skip every slide as "already scored" and keep the first model's numbers
+    with pytest.raises(CacheError, match="holds the predictions of another model"):
+        score_slides(rows, root / "seg", out, cache_dir=root / "traincache")
+    again = score_slides(rows, root / "cls", out, cache_dir=root / "traincache")
+    assert again.skipped == [rows[0].slide_id] and not again.scored
+
+
+def test_a_moved_run_scores_with_its_weights_given_again(runs, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from xtpath.cache import read_settings
+    from xtpath.errors import CheckpointError
+    from xtpath.models.encoders import RegionEncoder, file_sha256
+
+    root, csv_path = runs
+    files = {}
+    for seed in (1, 2):
+        enc = RegionEncoder("test_convnext", input_px=64, seed=seed)
+        files[seed] = tmp_path / f"w{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, str(files[seed]))
+    run = tmp_path / "run"
+    shutil.copytree(root / "cls", run)  # as if trained with --weights on another machine
+    ex = json.loads((run / "extract.json").read_text())
+    ex.update(weights="/gone/w.safetensors", weights_sha256=file_sha256(files[1]))
+    (run / "extract.json").write_text(json.dumps(ex))
+    rows = read_slides_csv(csv_path)[:1]
+    with pytest.raises(CheckpointError, match=r"weights /gone/w.safetensors are not on this machine; pass --weights"):
+        score_slides(rows, run, tmp_path / "a")
+    with pytest.raises(CheckpointError, match="is not that of the weights the model was trained with"):
+        score_slides(rows, run, tmp_path / "b", weights=files[2])
+    done = score_slides(rows, run, tmp_path / "c", weights=files[1])
+    assert done.scored == [rows[0].slide_id] and not done.failed
+    stored = read_settings(tmp_path / "c" / "cache" / f"{rows[0].slide_id}.h5")
+    assert stored["weights_sha256"] == file_sha256(files[1])
+
+
+def test_extract_like_a_run_refuses_settings_of_its_own(runs, tmp_path):
+    root, csv_path = runs
+    r = _xtpath("extract", csv_path, "--like", root / "cls", "--encoder", "resnet18", "--out", tmp_path / "c")
+    assert r.returncode == 1 and "takes the encoder and region settings from the run; drop --encoder" in r.stderr
+    assert not (tmp_path / "c").exists()

@@ -174,3 +174,12 @@ def test_real_slides(name, mpp, mode, lo, hi):
         tm = detect_tissue(open_slide(DATA / name, mpp=mpp))
     assert tm.mode == mode
     assert lo < tm.area_mm2 < hi
+
+
+def test_tissue_outline_stays_inside_the_slide():
+    slide = open_slide(DATA / "CMU-1-Small-Region.svs")
+    tm = detect_tissue(slide)
+    xy = np.array([p for poly in tm.polygons() for ring in poly for p in ring])
+    W, H = slide.dimensions
+    # tissue reaches the bottom edge of this slide, and the mask's last row reaches past it
+    assert xy[:, 1].max() == pytest.approx(H) and xy.min() >= 0 and xy[:, 0].max() <= W

@@ -215,6 +215,18 @@ def test_end_to_end_training_runs(demo, tmp_path):
     rep = train(csv_path, tmp_path / "e2e", cfg, show_progress=False, log=lambda m: None)
     assert (tmp_path / "e2e" / "encoder.safetensors").exists()
     assert np.isfinite(rep["metrics"]["loss"])
+    # scoring uses the fine-tuned encoder: new features, and the caches made before training are refused
+    from xtpath.cache import read_settings
+    from xtpath.models.encoders import file_sha256
+    from xtpath.score import score_slides
+
+    rows = read_slides_csv(csv_path)[:1]
+    done = score_slides(rows, tmp_path / "e2e", tmp_path / "scored")
+    assert done.scored == [rows[0].slide_id] and not done.failed
+    stored = read_settings(tmp_path / "scored" / "cache" / f"{rows[0].slide_id}.h5")
+    assert stored["weights_sha256"] == file_sha256(tmp_path / "e2e" / "encoder.safetensors")
+    with pytest.raises(CacheError, match="made with weights_sha256='random-init:seed=0'"):
+        score_slides(rows, tmp_path / "e2e", tmp_path / "old", cache_dir=root / "cache")
 
 
 def test_segmentation_on_demo_masks(demo, tmp_path):
@@ -278,3 +290,56 @@ def test_cli_train_with_yaml_and_overrides(demo, tmp_path):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["epochs"] == 1 and saved["context"] == "abmil"  # CLI wins over YAML, YAML over defaults
     assert len(_metrics(tmp_path / "run" / "metrics.csv")) == 1
+
+
+def test_caches_must_agree_with_each_other_and_with_the_options(demo, tmp_path):
+    import shutil
+
+    root, csv_path = demo
+    rows = read_slides_csv(csv_path)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(root / "cache", mixed)
+    extract_slides(rows[1:2], mixed, ExtractConfig(**{**ENC, "target_mpp": 2.0}, num_workers=0, overwrite=True))
+    with pytest.raises(CacheError, match=rf"{rows[1].slide_id}.h5 was made with target_mpp=2.0, this run uses 1.0"):
+        train(csv_path, tmp_path / "a", _cfg(cache=str(mixed)), show_progress=False)
+    with pytest.raises(CacheError, match="the caches were made with target_mpp=1.0, this run asks for 2.0"):
+        train(csv_path, tmp_path / "b", _cfg(cache=str(root / "cache"), target_mpp=2.0), show_progress=False)
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"not the weights the caches were made with")
+    with pytest.raises(CacheError, match="the caches were made with weights_sha256='random-init:seed=0'"):
+        train(csv_path, tmp_path / "c", _cfg(cache=str(root / "cache"), weights=str(other)), show_progress=False)
+    for p in ("a", "b", "c"):
+        assert not (tmp_path / p / "model.safetensors").exists()
+
+
+def test_bad_options_stop_before_a_run_folder_is_made(demo, tmp_path):
+    root, csv_path = demo
+    for kw, msg in [({"lr": -1.0}, "lr=-1.0 must be positive"), ({"target_mpp": 0}, "target_mpp=0 must be positive"),
+                    ({"folds": 2}, "needs at least 3 folds"), ({"val_fraction": 1.0}, "below 1"),
+                    ({"weights": str(tmp_path / "nope.safetensors")}, "nope.safetensors: no such file")]:
+        with pytest.raises(InvalidParameterError, match=msg):
+            _cfg(**kw)
+    r = _run_cli("train", csv_path, "--out", tmp_path / "run", "--cache", root / "cache", "--lr", "-1")
+    assert r.returncode == 1 and r.stderr.strip() == "error: lr=-1.0 must be positive (e.g. --lr 2e-4, " \
+        "--target-mpp 0.5, --region-px 256)"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_single_class_validation_set_selects_by_loss_and_the_splits_are_saved(tmp_path):
+    csv_path = write_arrangement_dataset(tmp_path, 12, seed=5)
+    lines = csv_path.read_text().splitlines()
+    labels = [ln.split(",")[2] for ln in lines[1:]]
+    val = [i for i, lab in enumerate(labels) if lab == "apart"][:2]
+    test = [i for i, lab in enumerate(labels) if lab == "apart"][2:3] + [labels.index("touch")]
+    parts = ["val" if i in val else "test" if i in test else "train" for i in range(len(labels))]
+    csv_path.write_text("\n".join([lines[0] + ",split"] + [f"{ln},{p}" for ln, p in zip(lines[1:], parts)]) + "\n")
+    said = []
+    rep = train(csv_path, tmp_path / "run", _cfg(cache=str(tmp_path / "cache"), epochs=4, context="mean",
+                                                 patience=100), show_progress=False, log=said.append)
+    assert sum("val auc is undefined" in m for m in said) == 1, said
+    val_loss = [float(r["val_loss"]) for r in _metrics(tmp_path / "run" / "metrics.csv")]
+    assert rep["best_epoch"] == int(np.argmin(val_loss)) + 1
+    with open(tmp_path / "run" / "splits.csv") as f:
+        saved = list(csv.DictReader(f))
+    assert [r["split"] for r in saved] == parts and [r["label"] for r in saved] == labels
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["classes"] == ["apart", "touch"]

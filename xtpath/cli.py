@@ -24,6 +24,20 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from xtpath import __version__
+
+        typer.echo(f"xtpath {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """xT for whole-slide pathology: read slides, find tissue, cut regions, encode, train and score."""
+
+
 class Backend(str, Enum):
     auto = "auto"
     openslide = "openslide"
@@ -148,7 +162,8 @@ def tile(
     region_px: Annotated[int, typer.Option(help="Region side in pixels at --target-mpp.")],
     encoder_px: Annotated[Optional[int], typer.Option(help="Region encoder input side (default: --region-px).")]
     = None,
-    min_tissue: Annotated[float, typer.Option(help="Keep regions with at least this tissue fraction.")] = 0.1,
+    min_tissue: Annotated[float, typer.Option(help="Keep regions with at least this tissue fraction (extract's "
+                                                   "default too).")] = 0.25,
     edge: Annotated[Edge, typer.Option(help="Partial regions at the slide edge: pad (keep) or drop.")] = Edge.pad,
     order: Annotated[Order, typer.Option(help="Region order: raster or along a Hilbert curve.")] = Order.raster,
     no_tissue: Annotated[bool, typer.Option("--no-tissue", help="Keep every region; skip tissue detection.")]
@@ -164,13 +179,14 @@ def tile(
 
     from xtpath.errors import InvalidParameterError
     from xtpath.io import open_slide
-    from xtpath.tiling import make_region_grid
+    from xtpath.tiling import check_resolution, make_region_grid
     from xtpath.tissue import detect_tissue
 
     if out is not None and out.suffix.lower() not in (".h5", ".csv"):
         raise InvalidParameterError(f"--out {out}: use a .h5 or .csv file name")
     with open_slide(slide, backend=backend.value, mpp=mpp) as s:
         smpp = s.require_mpp()
+        check_resolution(slide, smpp, target_mpp, region_px)
         tm = None
         if not no_tissue:
             with warnings.catch_warnings(record=True) as caught:
@@ -289,6 +305,7 @@ class _ExtractProgress:
 
 @app.command()
 def extract(
+    ctx: typer.Context,
     slides: Annotated[Path, typer.Argument(help="Slides CSV: slide_id,path[,mpp,...] (paths relative to the CSV).",
                                            show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder: <slide_id>.h5 per slide, failures.csv.")],
@@ -333,7 +350,14 @@ def extract(
     if like is not None:
         from xtpath.score import load_run
 
-        cfg = load_run(like).extract_config()
+        clash = [f"--{n.replace('_', '-')}" for n in ("encoder", "features", "target_mpp", "region_px", "encoder_px",
+                                                      "preset", "tissue_mode", "min_tissue", "edge", "order", "dtype",
+                                                      "seed")
+                 if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"]  # typer's own click
+        if clash:
+            raise InvalidParameterError(f"--like {like} takes the encoder and region settings from the run; drop "
+                                        f"{', '.join(clash)} (or drop --like to choose them yourself)")
+        cfg = load_run(like, weights=weights).extract_config()
         cfg.batch_size, cfg.num_workers, cfg.overwrite = batch_size, workers, overwrite
         weights = Path(cfg.weights) if cfg.weights else None
         encoder = cfg.encoder
@@ -343,6 +367,9 @@ def extract(
                             tissue_preset=preset.value, tissue_mode=tissue_mode.value, min_tissue=min_tissue,
                             edge=edge.value, order=order.value, batch_size=batch_size, num_workers=workers,
                             dtype=dtype, overwrite=overwrite, seed=seed)
+    from xtpath.models.encoders import resolve_encoder
+
+    resolve_encoder(cfg.encoder)  # an unknown name is an error before any warning or progress bar
     if weights is None:
         typer.echo(f"warning: no --weights: {encoder} is randomly initialised; its features mean nothing "
                    "outside tests and demos", err=True)
@@ -380,14 +407,18 @@ def train(
                                            show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder (model, metrics, report, plots).")],
     config: Annotated[Optional[Path], typer.Option(help="YAML file with any of these options (CLI wins).")] = None,
-    task: Annotated[Optional[Task], typer.Option(help="classification (slide labels) or segmentation (masks).")]
+    task: Annotated[Optional[Task], typer.Option(help="classification (slide labels; the default) or "
+                                                     "segmentation (masks).")]
     = None,
-    mode: Annotated[Optional[TrainMode], typer.Option(help="cached: train on cached features; end2end: train the "
-                                                           "region encoder too, in bounded memory.")] = None,
-    context: Annotated[Optional[Context], typer.Option(help="Context encoder over the region sequence.")] = None,
+    mode: Annotated[Optional[TrainMode], typer.Option(help="cached (the default): train on cached features; "
+                                                           "end2end: train the region encoder too, in bounded "
+                                                           "memory.")] = None,
+    context: Annotated[Optional[Context], typer.Option(help="Context encoder over the region sequence (default "
+                                                             "mamba).")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="Feature cache folder (default: OUT/cache).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Maximum epochs (default 20).")] = None,
-    folds: Annotated[Optional[int], typer.Option(help="K-fold cross-validation over cases (default: one split).")]
+    folds: Annotated[Optional[int], typer.Option(help="K-fold cross-validation over cases, K >= 3 (default: one "
+                                                      "split).")]
     = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (default 2e-4).")] = None,
     accumulate: Annotated[Optional[int], typer.Option(help="Slides per optimizer step (default 4).")] = None,
@@ -454,6 +485,9 @@ def score(
     shard: Annotated[Optional[str], typer.Option(help="I/N: score rows I, I+N, ... (0-based; array jobs).")]
     = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Regions per encoder batch when extracting.")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="The region encoder's weights file, when the path the run "
+                                                         "recorded does not exist here (a run moved to another "
+                                                         "machine); it must be the same file.")] = None,
     only: OnlyOpt = None,
 ) -> None:
     """Score slides with a trained model: predictions, heatmaps, region scores, QuPath GeoJSON, masks.
@@ -471,7 +505,7 @@ def score(
     n = len([r for i, r in enumerate(rows) if i % sh[1] == sh[0]])
     with _ScoreProgress(n) as prog:
         summary = score_slides(rows, model, out, cache_dir=cache, devices=devs, shard=sh, batch_size=batch_size,
-                               progress=prog)
+                               progress=prog, weights=weights)
     typer.echo(f"{len(summary.scored)} scored, {len(summary.skipped)} already scored, {len(summary.failed)} "
                f"failed -> {out / 'predictions.csv'}")
     if summary.failed:
@@ -501,9 +535,16 @@ def report(
         t.add_row(c, str(rep["predicted_counts"][c]))
     console.print(t)
     console.print(f"{rep['regions_per_slide']:.0f} regions and {rep['seconds_per_slide']:.2f} s per slide")
+    if rep.get("labelled_not_scored"):
+        missing = rep["labelled_not_scored"]
+        console.print(f"{len(missing)} labelled slides have no prediction (not scored, or failed): "
+                      f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", soft_wrap=True)
+    if rep.get("excluded_seen"):
+        console.print(f"left out {rep['excluded_seen']} labelled slides the model trained or validated on "
+                      f"({rep['splits_file']})", soft_wrap=True)
     if "metrics" in rep:
         m = rep["metrics"]
-        console.print(f"on {rep['n_labelled']} labelled slides: " + ", ".join(
+        console.print(f"on {rep['n_labelled']} held-out labelled slides: " + ", ".join(
             f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)), soft_wrap=True)
         console.print(f"plots and report.json in {out / 'report'}", soft_wrap=True)
 
@@ -577,6 +618,33 @@ def main(argv: list[str] | None = None) -> None:
         for line in str(e).splitlines():  # a slides CSV reports every bad row, one per line
             _echo_err(line)
         sys.exit(1)
+    except OSError as e:  # a path given where a folder is needed, no permission, a full disk: not a bug
+        _echo_err(_os_error_line(e))
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: what was finished is kept; run the same command again to resume", err=True)
+        sys.exit(130)
+
+
+_OS_HINTS = {
+    FileExistsError: "a file is in the way of a folder: choose another output folder",
+    NotADirectoryError: "a file is in the way of a folder: choose another output folder",
+    IsADirectoryError: "a folder was given where a file is needed",
+    FileNotFoundError: "check the path",
+    PermissionError: "check its permissions or choose another folder",
+}
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for an operating-system error: the path, what went wrong and what to do."""
+    import errno
+
+    what = (e.strerror or str(e)).rstrip(".")
+    hint = next((h for t, h in _OS_HINTS.items() if isinstance(e, t)), None)
+    if e.errno == errno.ENOSPC:
+        hint = "free some space or choose another output folder; rerun to resume"
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{what.lower()}" + (f"; {hint}" if hint else "")
 
 
 if __name__ == "__main__":

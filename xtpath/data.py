@@ -20,7 +20,7 @@ from xtpath.io import SlideRow
 from xtpath.metrics import IGNORE_INDEX  # target of label cells outside the slide (the loss skips them)
 
 __all__ = [
-    "DIHEDRAL", "dihedral_grid", "dihedral_regions", "SlideItem", "CachedSlides", "make_splits", "Split",
+    "DIHEDRAL", "dihedral_grid", "dihedral_regions", "SlideItem", "CachedSlides", "make_splits", "check_folds", "Split",
     "region_targets", "class_names_from_masks", "IGNORE_INDEX",
 ]
 
@@ -168,11 +168,19 @@ class Split:
     test: list[int]
 
 
+def check_folds(folds: int) -> None:
+    """``folds`` is 0 (one split) or at least 3 (fold ``k`` tests on one part, validates on the next)."""
+    if folds in (1, 2) or folds < 0:
+        raise InvalidParameterError(f"--folds {folds}: K-fold cross-validation needs at least 3 folds (each fold "
+                                    "tests on one part, validates on the next and trains on the rest); 0 gives "
+                                    "one split")
+
+
 def make_splits(rows: Sequence[SlideRow], labels: Sequence[int] | None, *, folds: int = 0,
                 val_fraction: float = 0.2, test_fraction: float = 0.2, seed: int = 0) -> list[Split]:
     """Train/val/test splits that never put slides of one case on both sides.
 
-    * ``folds >= 2``: K-fold cross-validation over cases (stratified by label): fold ``k`` tests on one part,
+    * ``folds >= 3``: K-fold cross-validation over cases (stratified by label): fold ``k`` tests on one part,
       validates on the next, trains on the rest.
     * otherwise, if every row has a ``split`` (train/val/test), that split; rows with ``train`` only and no
       ``val`` get a validation part carved out of the training cases.
@@ -198,7 +206,8 @@ def make_splits(rows: Sequence[SlideRow], labels: Sequence[int] | None, *, folds
             return idx.tolist(), []
         return idx[rest].tolist(), idx[part].tolist()
 
-    if folds and folds >= 2:
+    check_folds(folds)
+    if folds:
         n_cases = len(set(groups))
         if folds > n_cases:
             raise InvalidParameterError(f"--folds {folds}: only {n_cases} cases; use at most {n_cases} folds")

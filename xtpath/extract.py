@@ -31,7 +31,7 @@ from xtpath.cache import CacheWriter, cache_path, read_settings, settings_differ
 from xtpath.errors import CacheError, InvalidParameterError, XtpathError
 from xtpath.io import SlideRow, open_slide
 from xtpath.io.files import atomic_path
-from xtpath.tiling import RegionGrid, make_region_grid
+from xtpath.tiling import RegionGrid, check_resolution, make_region_grid
 from xtpath.tissue import TissueParams, detect_tissue, tissue_params
 
 __all__ = ["ExtractConfig", "ExtractSummary", "extract_slides", "extract_on_device", "plan_slide",
@@ -253,7 +253,7 @@ def _reader_init(worker_id: int) -> None:
 def plan_slide(row: SlideRow, cfg: ExtractConfig, encoder_px: int) -> tuple[Any, RegionGrid]:
     """Open a slide, find its tissue and cut its region grid (raises :class:`XtpathError` subclasses)."""
     slide = open_slide(row.path, mpp=row.mpp)
-    slide.require_mpp()
+    check_resolution(row.path, slide.require_mpp(), cfg.target_mpp, cfg.region_px)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "no tissue" is reported below as a failure
         tm = detect_tissue(slide, cfg.tissue(), keep_image=False)
@@ -341,15 +341,15 @@ def extract_on_device(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: P
                 summary.skipped.append(row.slide_id)
                 progress("slide_done", {"slide_id": row.slide_id, "status": "cached"})
                 continue
+            if encoder is None:  # outside the per-slide try: weights that do not fit fail every slide, so stop
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    encoder = build_region_encoder(cfg.encoder, cfg.weights, features=cfg.features,  # type: ignore
+                                                   input_px=enc_settings["encoder_px"], device=device,
+                                                   seed=cfg.seed)
+                if torch.device(device).type == "cuda":
+                    encoder = encoder.to(memory_format=torch.channels_last)
             try:
-                if encoder is None:
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore", UserWarning)
-                        encoder = build_region_encoder(cfg.encoder, cfg.weights, features=cfg.features,  # type: ignore
-                                                       input_px=enc_settings["encoder_px"], device=device,
-                                                       seed=cfg.seed)
-                    if torch.device(device).type == "cuda":
-                        encoder = encoder.to(memory_format=torch.channels_last)
                 t0 = time.perf_counter()
                 n = _encode_slide(row, encoder, cfg, cache_dir, enc_settings, progress, workers)
                 summary.done.append(row.slide_id)
@@ -430,8 +430,18 @@ def extract_slides(rows: Sequence[SlideRow], cache_dir: str | os.PathLike[str], 
     cache.mkdir(parents=True, exist_ok=True)
     if cfg.features not in ("pooled", "tokens"):
         raise InvalidParameterError(f"--features {cfg.features!r}: use pooled or tokens")
-    if not (isinstance(cfg.region_px, int) and cfg.region_px > 0) or not cfg.target_mpp > 0:
-        raise InvalidParameterError("--region-px and --target-mpp must be positive")
+    if not (isinstance(cfg.region_px, int) and cfg.region_px > 0):
+        raise InvalidParameterError(f"--region-px {cfg.region_px}: must be a positive whole number of pixels, "
+                                    "e.g. 256")
+    if not cfg.target_mpp > 0:
+        raise InvalidParameterError(f"--target-mpp {cfg.target_mpp}: must be positive (microns per pixel, e.g. 0.5)")
+    if cfg.batch_size < 1:
+        raise InvalidParameterError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise InvalidParameterError(f"--workers {cfg.num_workers}: must be 0 (read in this process) or more")
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise InvalidParameterError(f"--weights {cfg.weights}: no such file; give the region encoder's weights "
+                                    "(safetensors or a PyTorch state dict)")
     enc = encoder_settings(cfg)
     preflight(rows, cfg, cache, enc)
     _clean_stale_temp(cache)

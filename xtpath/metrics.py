@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,18 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_classes: int
     out = {"accuracy": float(accuracy_score(labels, pred)),
            "balanced_accuracy": float(balanced_accuracy_score(labels, pred)) if len(set(labels)) > 1 else math.nan,
            "f1": float(f1_score(labels, pred, average="macro", labels=list(range(n_classes)), zero_division=0))}
-    try:
-        if n_classes == 2:
-            out["auc"] = float(roc_auc_score(labels, probs[:, 1]))
-        else:
-            out["auc"] = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro",
-                                             labels=list(range(n_classes))))
-    except ValueError:  # one class only in this set
-        out["auc"] = math.nan
+    out["auc"] = math.nan  # undefined when the set holds one class (the caller says so once, not sklearn per call)
+    if len(set(np.asarray(labels).tolist())) > 1:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # UndefinedMetricWarning for classes absent from this set
+                if n_classes == 2:
+                    out["auc"] = float(roc_auc_score(labels, probs[:, 1]))
+                else:
+                    out["auc"] = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro",
+                                                     labels=list(range(n_classes))))
+        except ValueError:
+            pass
     return out
 
 
@@ -75,6 +80,8 @@ def roc_and_confusion_plots(probs: np.ndarray, labels: np.ndarray, classes: Sequ
         if 0 < (labels == c).sum() < len(labels):
             RocCurveDisplay.from_predictions(labels == c, probs[:, c], name=name, ax=ax)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate (one class vs the rest)")
+    ax.set_ylabel("true positive rate")
     auc = classification_metrics(probs, labels, len(classes)).get("auc", math.nan)
     ax.set_title(f"ROC ({title}, macro AUC {auc:.3f})")
     save_figure(fig, Path(out_dir) / "roc.png")

@@ -17,6 +17,22 @@ from xtpath.score import PREDICTIONS_CSV, read_predictions
 __all__ = ["report"]
 
 
+def _seen_in_training(out: Path) -> tuple[set[str], Path | None]:
+    """Slides the scoring model trained or validated on (any fold), from the run's ``splits.csv`` named by
+    ``OUT_DIR/score.json``: metrics on them would flatter the model."""
+    import csv
+    import json
+
+    try:
+        run = Path(json.loads((out / "score.json").read_text())["model"])
+        with open(run / "splits.csv", newline="") as f:
+            table = list(csv.DictReader(f))
+    except (OSError, ValueError, KeyError, TypeError):
+        return set(), None
+    return {r["slide_id"] for r in table
+            if any(v in ("train", "val") for k, v in r.items() if k not in ("slide_id", "label"))}, run / "splits.csv"
+
+
 def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Summarise ``OUT_DIR/predictions.csv``; with a labelled slides CSV also compute metrics and write
     ``OUT_DIR/report/report.json``, ``roc.png`` and ``confusion.png``.
@@ -42,13 +58,22 @@ def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] |
                            "predicted_counts": counts, "seconds_per_slide": float(seconds.mean()),
                            "regions_per_slide": float(regions.mean())}
     if labels_csv is not None:
-        rows = {r.slide_id: r for r in read_slides_csv(labels_csv, require_labels=True, check_files=False)}
+        table = read_slides_csv(labels_csv, check_files=False, require_path=False)
+        if not any(r.label for r in table):
+            raise ManifestError(f"{labels_csv}: no labels; --labels needs a CSV with slide_id,label columns")
+        rows = {r.slide_id: r for r in table if r.label}  # unlabelled rows are left out
+        rep["labelled_not_scored"] = sorted(set(rows) - {p["slide_id"] for p in preds})
         index = {c: i for i, c in enumerate(classes)}
         bad = [f"{r.where}: label {r.label!r} is not a class of the model ({', '.join(classes)})"
                for r in rows.values() if r.label not in index]
         if bad:
             raise ManifestError("\n".join(bad))
         known = [p for p in preds if p["slide_id"] in rows]
+        seen, splits_file = _seen_in_training(out)
+        if seen:
+            rep["excluded_seen"] = sum(p["slide_id"] in seen for p in known)
+            rep["splits_file"] = str(splits_file)
+            known = [p for p in known if p["slide_id"] not in seen]
         if known:
             P = np.array([[float(p[f"p_{c}"]) for c in classes] for p in known])
             Y = np.array([index[rows[p["slide_id"]].label] for p in known])  # type: ignore[index]

@@ -57,22 +57,46 @@ class ScoreModel:
     device: torch.device = torch.device("cpu")
 
     def extract_config(self) -> ExtractConfig:
+        """The run's region encoder settings, to extract the caches that are missing."""
         e = self.extract
         fields = {k: e[k] for k in ExtractConfig.__dataclass_fields__ if k in e}
-        weights = self.run_dir / "encoder.safetensors"
-        if weights.exists():  # an end-to-end run: its fine-tuned encoder
-            fields["weights"] = str(weights)
+        w = fields.get("weights")
+        if w and not Path(w).is_file():
+            raise CheckpointError(f"{self.run_dir / 'extract.json'}: the region encoder weights {w} are not on this "
+                                  "machine; pass --weights FILE (the same file, SHA-256 "
+                                  f"{str(e.get('weights_sha256'))[:16]}...) to extract the missing caches")
         return ExtractConfig(**fields)
 
     def encoder_key(self) -> dict[str, Any]:
-        return {k: self.extract.get(k) for k in ("encoder", "weights_sha256", "features_kind", "encoder_px")}
+        """What a cache must have been made with for this model: encoder, weights, feature kind and size, and
+        the regions' mpp and size."""
+        return {k: self.extract.get(k) for k in ("encoder", "weights_sha256", "features_kind", "encoder_px",
+                                                 "target_mpp", "region_px")}
+
+    def identity(self) -> dict[str, Any]:
+        """The model's name and the SHA-256 of its weights (all folds), recorded next to its predictions."""
+        import hashlib
+
+        from xtpath.models.encoders import file_sha256
+
+        files = [self.run_dir / "model.safetensors"] if (self.run_dir / "model.safetensors").exists() else \
+            sorted(self.run_dir.glob("fold*/model.safetensors"))
+        digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+        return {"model": str(self.run_dir.resolve()), "model_sha256": digest, "classes": list(self.classes)}
 
 
-def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> ScoreModel:
-    """Load ``RUN_DIR`` written by ``xtpath train`` (all folds of a cross-validation, averaged when scoring)."""
+def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
+             weights: str | os.PathLike[str] | None = None) -> ScoreModel:
+    """Load ``RUN_DIR`` written by ``xtpath train`` (all folds of a cross-validation, averaged when scoring).
+
+    ``weights``: the region encoder's weights file, for a run whose recorded path does not exist here (moved to
+    another machine); it must be the same file (same SHA-256). An end-to-end run scores with its own fine-tuned
+    encoder (``RUN_DIR/encoder.safetensors``).
+    """
     import yaml
 
     from xtpath.models import load_model
+    from xtpath.models.encoders import file_sha256
 
     run = Path(run_dir)
     if not (run / "classes.json").exists():
@@ -85,6 +109,18 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
     models = [load_model(f, map_location=dev).eval() for f in folders]
     cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
     extract = json.loads((run / "extract.json").read_text()) if (run / "extract.json").exists() else {}
+    tuned = run / "encoder.safetensors"
+    if tuned.exists():  # an end-to-end run: features come from its fine-tuned encoder
+        extract.update(weights=str(tuned.resolve()), weights_sha256=file_sha256(tuned))
+    elif weights is not None:
+        w = Path(weights).expanduser()
+        if not w.is_file():
+            raise CheckpointError(f"--weights {weights}: no such file")
+        sha, want = file_sha256(w), extract.get("weights_sha256")
+        if want and sha != want:
+            raise CheckpointError(f"--weights {weights}: SHA-256 {sha[:16]}... is not that of the weights the model "
+                                  f"was trained with ({str(want)[:16]}...); give the same file")
+        extract["weights"] = str(w.resolve())
     return ScoreModel(run, models, json.loads((run / "classes.json").read_text()),
                       str(cfg.get("task", "classification")), extract, dev)
 
@@ -254,7 +290,8 @@ def _label_mask(sm: ScoreModel, masks: np.ndarray, grid: np.ndarray, slide_wh: t
 
 
 def _heatmap_png(path: Path, slide: Any, sm: ScoreModel, cells: np.ndarray, probs: np.ndarray,
-                 region_size: float, label_mask: np.ndarray | None, mask_scale: float, predicted: str) -> None:
+                 region_size: float, label_mask: np.ndarray | None, mask_scale: float, predicted: str,
+                 title: str) -> None:
     """The thumbnail with per-region probabilities (colour bar, class name) or the segmentation (legend).
 
     Drawn with Pillow (matplotlib gives the colour map only): about 0.05 s per slide instead of 0.4 s.
@@ -291,7 +328,7 @@ def _heatmap_png(path: Path, slide: Any, sm: ScoreModel, cells: np.ndarray, prob
     canvas = Image.new("RGB", (shown.width + legend_w, shown.height + top), "white")
     canvas.paste(shown, (0, top))
     draw = ImageDraw.Draw(canvas)
-    draw.text((6, 7), f"{slide.name}: predicted {predicted}", fill="black", font=font)
+    draw.text((6, 7), f"{title}: predicted {predicted}", fill="black", font=font)
     x0 = shown.width + 14
     if label_mask is None:
         bar_h = min(256, shown.height - 40)
@@ -317,12 +354,11 @@ def score_one(sm: ScoreModel, row: SlideRow, cache_file: Path, out: Path) -> dic
     sf = load_features(cache_file)
     stored = sf.settings
     key = sm.encoder_key()
-    if stored and key.get("encoder"):
-        for k in ("encoder", "weights_sha256", "features_kind", "encoder_px"):
-            if stored.get(k) != key.get(k):
-                raise CacheError(f"{cache_file}: features made with {k}={stored.get(k)!r} but the model was trained "
-                                 f"on {key.get(k)!r}; score with the model's own encoder (drop --cache to extract "
-                                 "anew) or use a cache made with it")
+    k = _mismatch(stored, key) if stored and key.get("encoder") else None
+    if k is not None:
+        raise CacheError(f"{cache_file}: features made with {k}={stored.get(k)!r} but the model was trained "
+                         f"on {key.get(k)!r}; score with the model's own encoder settings (drop --cache to "
+                         "extract anew) or use a cache made with them")
     pred = _predict(sm, sf.features, sf.grid)
     probs = pred["slide"]
     predicted = sm.classes[int(np.argmax(probs))] if sm.task == "classification" else \
@@ -346,12 +382,12 @@ def score_one(sm: ScoreModel, row: SlideRow, cache_file: Path, out: Path) -> dic
     _write_region_h5(folder / "regions.h5", sf.coords, sf.grid, pred["regions"], sm.classes, size)
     _write_geojson(folder / "regions.geojson", sm, sf.coords, pred["regions"], size, label_mask, mask_scale)
     _heatmap_png(folder / "heatmap.png", slide, sm, cells, pred["regions"], size, label_mask, mask_scale,
-                 predicted)
+                 predicted, row.slide_id)
     rec = {"slide_id": row.slide_id, "status": "ok", "predicted": predicted,
            "probs": {c: float(p) for c, p in zip(sm.classes, probs)}, "n_regions": int(len(sf)),
            "seconds": time.perf_counter() - t0, "task": sm.task, "classes": sm.classes,
            "slide_path": str(row.path), "slide_mpp": list(slide.require_mpp()), "region_size_level0": size,
-           "model": str(sm.run_dir)}
+           "model": str(sm.run_dir.resolve())}
     write_json(folder / "prediction.json", rec)
     return rec
 
@@ -412,8 +448,8 @@ def _record_score_failure(out: Path, row: SlideRow, msg: str, error: str) -> Non
 
 
 def _device_worker(rank: int, run_dir: str, rows: list[SlideRow], cache: str, out: str, devices: list[str],
-                   batch_size: int | None, queue: Any) -> None:
-    sm = load_run(run_dir, devices[rank])
+                   batch_size: int | None, weights: str | None, queue: Any) -> None:
+    sm = load_run(run_dir, devices[rank], weights)
     mine = [r for i, r in enumerate(rows) if i % len(devices) == rank]
     s = _score_rows(sm, mine, Path(cache), Path(out), devices[rank], lambda e, d: queue.put((e, d)), batch_size)
     queue.put(("summary", asdict(s)))
@@ -422,30 +458,66 @@ def _device_worker(rank: int, run_dir: str, rows: list[SlideRow], cache: str, ou
 def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                  cache_dir: str | os.PathLike[str] | None = None, devices: Sequence[str] = ("cpu",),
                  shard: tuple[int, int] = (0, 1), batch_size: int | None = None,
-                 progress: Callable[[str, dict[str, Any]], None] | None = None) -> ScoreSummary:
+                 progress: Callable[[str, dict[str, Any]], None] | None = None,
+                 weights: str | os.PathLike[str] | None = None) -> ScoreSummary:
     """Extract what is not cached yet (with the run's encoder settings), then score each slide.
 
     Several devices: one worker process per device, slides divided among them. ``shard=(I, N)`` keeps rows
-    ``I, I+N, ...`` (for array jobs).
+    ``I, I+N, ...`` (for array jobs). ``OUT_DIR/score.json`` names the model; an ``OUT_DIR`` holding another
+    model's predictions is refused. ``weights``: see :func:`load_run`.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     progress = progress or (lambda e, d: None)
     rows = shard_rows(rows, shard)
     t0 = time.perf_counter()
-    sm = load_run(run_dir, devices[0] if len(devices) == 1 else "cpu")
-    _check_cache_dir(sm, rows, cache)
+    sm = load_run(run_dir, devices[0] if len(devices) == 1 else "cpu", weights)
+    _check_cache_dir(sm, rows, cache)  # before OUT_DIR is made: a refused run leaves nothing behind
+    out.mkdir(parents=True, exist_ok=True)
+    _claim_out_dir(sm, out)
     if len(devices) <= 1:
         summary = _score_rows(sm, rows, cache, out, devices[0] if devices else "cpu", progress, batch_size)
     else:
         summary = ScoreSummary()
-        args = [(r, str(run_dir), list(rows), str(cache), str(out), list(devices), batch_size)
+        args = [(r, str(run_dir), list(rows), str(cache), str(out), list(devices), batch_size,
+                 str(weights) if weights else None)
                 for r in range(len(devices))]
         for data in run_device_workers(_device_worker, args, progress):
             summary.merge(ScoreSummary(**data))
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _mismatch(stored: dict[str, Any], key: dict[str, Any]) -> str | None:
+    """The first setting of ``key`` a cache's ``stored`` settings differ in (numbers to rounding; settings the
+    run did not record are not compared), or ``None``."""
+    for k, want in key.items():
+        have = stored.get(k)
+        if want is None:
+            continue
+        if isinstance(want, (int, float)) and isinstance(have, (int, float)):
+            if not math.isclose(float(want), float(have), rel_tol=1e-9):
+                return k
+        elif have != want:
+            return k
+    return None
+
+
+def _claim_out_dir(sm: ScoreModel, out: Path) -> None:
+    """Record the model in ``OUT_DIR/score.json``, or refuse an ``OUT_DIR`` that holds another model's scores
+    (a rerun skips the slides already in predictions.csv, which would silently keep the other model's)."""
+    me = sm.identity()
+    path = out / "score.json"
+    if path.exists():
+        try:
+            before = json.loads(path.read_text())
+        except (OSError, ValueError):
+            before = {}
+        if before.get("model_sha256") not in (None, me["model_sha256"]):
+            raise CacheError(f"{out} holds the predictions of another model ({before.get('model')}); score "
+                             f"{me['model']} into another --out (or delete {out} to start over)")
+        return
+    write_json(path, me)
 
 
 def _check_cache_dir(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path) -> None:
@@ -461,9 +533,8 @@ def _check_cache_dir(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path) -> N
         s = read_settings(f)
         if not s:
             continue
-        diff = [k for k in key if s.get(k) != key[k]]
-        if diff:
-            k = diff[0]
+        k = _mismatch(s, key)
+        if k is not None:
             problems.append(f"{f}: made with {k}={s.get(k)!r} but the model was trained on {key[k]!r}")
     if problems:
         raise CacheError("\n".join(problems) + "\nscore with the model's own encoder: drop --cache (features are "

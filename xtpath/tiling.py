@@ -22,7 +22,8 @@ from xtpath.errors import InvalidParameterError
 if TYPE_CHECKING:
     from xtpath.tissue import TissueMask
 
-__all__ = ["RegionGrid", "make_region_grid", "subregion_boxes", "hilbert_index", "ORDERS", "EDGES"]
+__all__ = ["RegionGrid", "make_region_grid", "subregion_boxes", "hilbert_index", "ORDERS", "EDGES",
+           "check_resolution", "MAX_UPSAMPLE"]
 
 ORDERS = ("raster", "hilbert")
 EDGES = ("pad", "drop")
@@ -127,6 +128,23 @@ def hilbert_index(rows: np.ndarray, cols: np.ndarray, order: int | None = None) 
 def _check_positive(name: str, value: float) -> None:
     if not (isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value) and value > 0):
         raise InvalidParameterError(f"{name}={value!r} must be a positive number")
+
+
+MAX_UPSAMPLE = 4.0
+"""How much finer than a slide's level 0 regions may be read. Beyond it the regions are a few real pixels blown
+up: the sign of a wrong mpp (millimetres for microns) or of a thumbnail-only file, not of a useful request."""
+
+
+def check_resolution(where: object, slide_mpp: float | tuple[float, float], target_mpp: float,
+                     region_px: int) -> None:
+    """Raise when ``target_mpp`` is more than :data:`MAX_UPSAMPLE` times finer than the slide's level 0."""
+    coarsest = max(slide_mpp) if isinstance(slide_mpp, tuple) else float(slide_mpp)
+    factor = coarsest / float(target_mpp)
+    if factor > MAX_UPSAMPLE:
+        raise InvalidParameterError(
+            f"{where}: level 0 is {coarsest:.4g} µm/px, {factor:.3g}x coarser than --target-mpp {target_mpp:g}, so "
+            f"every region would be about {region_px / factor:.0f} real pixels blown up to {region_px}; check the "
+            "slide's mpp (the CSV's mpp column is in microns per pixel) or use a coarser --target-mpp")
 
 
 def make_region_grid(slide_dimensions: tuple[int, int], slide_mpp: float | tuple[float, float],

@@ -148,7 +148,7 @@ class TissueMask:
 
     def polygons(self, tolerance: float = 0.5) -> list[list[list[list[float]]]]:
         """Tissue outline as polygons (exterior, holes) in level-0 pixel coordinates."""
-        return mask_polygons(self.mask, self.downsample, tolerance=tolerance)
+        return mask_polygons(self.mask, self.downsample, tolerance=tolerance, clip_xy=self.slide_dimensions)
 
     def qc_image(self, max_size: int = 2048) -> np.ndarray:
         """The slide at mask resolution with the tissue contour drawn in green, RGB uint8."""

@@ -4,6 +4,7 @@ One run folder holds everything a person or ``xtpath score`` needs:
 
     RUN_DIR/config.yaml            resolved settings (CLI + YAML + defaults)
     RUN_DIR/classes.json           class names in index order
+    RUN_DIR/splits.csv             each slide's part (train/val/test) in every split or fold
     RUN_DIR/extract.json           region encoder settings (score uses them to build missing caches)
     RUN_DIR/model.safetensors      best model (by the validation metric) + model.json (its config)
     RUN_DIR/last/state.pt          last epoch: model, optimizer, scheduler, RNG (loaded with weights_only=True)
@@ -39,6 +40,7 @@ from xtpath.data import (
     CachedSlides,
     SlideItem,
     Split,
+    check_folds,
     class_names_from_masks,
     make_splits,
     region_class_weights,
@@ -81,10 +83,10 @@ class TrainConfig:
     """Region encoder weights file."""
     features: str = "pooled"
     """Cached feature kind when caches are built: pooled or tokens."""
-    target_mpp: float = 0.5
-    """Microns per pixel of the regions (when caches are built, or end2end)."""
-    region_px: int = 256
-    """Region side in pixels (when caches are built, or end2end)."""
+    target_mpp: float | None = None
+    """Microns per pixel of the regions (default: the existing caches'; 0.5 when caches are built)."""
+    region_px: int | None = None
+    """Region side in pixels (default: the existing caches'; 256 when caches are built)."""
     encoder_px: int | None = None
     """Encoder input side (default: the model's)."""
     min_tissue: float = 0.25
@@ -170,6 +172,26 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
     for name in ("epochs", "accumulate", "e2e_chunk"):
         if int(getattr(cfg, name)) < 1:
             raise InvalidParameterError(f"{name}={getattr(cfg, name)!r} must be at least 1")
+    for name in ("lr", "target_mpp", "region_px"):
+        value = getattr(cfg, name)
+        if value is not None and not float(value) > 0:
+            raise InvalidParameterError(f"{name}={value!r} must be positive (e.g. --lr 2e-4, --target-mpp 0.5, "
+                                        "--region-px 256)")
+    for name in ("weight_decay", "grad_clip"):
+        if float(getattr(cfg, name)) < 0:
+            raise InvalidParameterError(f"{name}={getattr(cfg, name)!r} must be 0 or more")
+    for name in ("val_fraction", "test_fraction"):
+        if not 0 <= float(getattr(cfg, name)) < 1:
+            raise InvalidParameterError(f"{name}={getattr(cfg, name)!r} must be at least 0 and below 1")
+    check_folds(int(cfg.folds))
+    if cfg.cache is not None:
+        cfg.cache = str(Path(cfg.cache).expanduser().resolve())  # config.yaml records where the features are
+    if cfg.weights is not None:
+        w = Path(cfg.weights).expanduser()
+        if not w.is_file():
+            raise InvalidParameterError(f"--weights {cfg.weights}: no such file; give the region encoder's weights "
+                                        "(safetensors or a PyTorch state dict)")
+        cfg.weights = str(w.resolve())  # the run records where they are, wherever it is scored from
     return cfg
 
 
@@ -279,7 +301,18 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
         if found:
             s0 = found[0]
             enc_settings = {k: s0.get(k) for k in ("encoder", "weights_sha256", "features_kind", "encoder_px")}
-            _check_cache_encoders(rows, files, enc_settings)
+            given = {"target_mpp": cfg.target_mpp, "region_px": cfg.region_px}
+            if cfg.weights:
+                from xtpath.models.encoders import file_sha256
+
+                given["weights_sha256"] = file_sha256(cfg.weights)
+            for key, value in given.items():
+                if value is not None and not _same(value, s0.get(key)):
+                    raise CacheError(f"{files[0]}: the caches were made with {key}={s0.get(key)!r}, this run asks "
+                                     f"for {value!r}; drop the option to train on these caches, or pass --encoder "
+                                     "with another --cache to build new ones")
+            _check_cache_encoders(rows, files, {**enc_settings, "target_mpp": s0.get("target_mpp"),
+                                                "region_px": s0.get("region_px")})
             cfg.encoder = str(s0["encoder"])  # recorded in config.yaml; nothing is built in cached mode
             cfg.features = str(s0.get("features_kind", cfg.features))
             cfg.target_mpp, cfg.region_px = float(s0["target_mpp"]), int(s0["region_px"])
@@ -288,11 +321,13 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
                                                   "region_px": cfg.region_px, "cache": str(cache),
                                                   "tissue": s0.get("tissue")})
     else:
+        cfg.target_mpp = 0.5 if cfg.target_mpp is None else float(cfg.target_mpp)
+        cfg.region_px = 256 if cfg.region_px is None else int(cfg.region_px)
         ecfg = ExtractConfig(encoder=cfg.encoder, weights=cfg.weights, features=cfg.features,
                              target_mpp=cfg.target_mpp, region_px=cfg.region_px, encoder_px=cfg.encoder_px,
                              min_tissue=cfg.min_tissue, tissue_preset=cfg.tissue_preset, seed=cfg.seed)
         enc_settings = encoder_settings(ecfg)
-        _check_cache_encoders(rows, files, enc_settings)
+        _check_cache_encoders(rows, files, {**enc_settings, "target_mpp": cfg.target_mpp, "region_px": cfg.region_px})
         if cfg.mode == "cached":
             missing = [r for r, f in zip(rows, files) if not f.exists()]
             if missing:
@@ -315,6 +350,13 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
     return _Prepared(rows, classes, labels, files, splits, in_shape, enc_settings)
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Settings equal (numbers compared as floats: 1 and 1.0 are the same mpp)."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), rel_tol=1e-9)
+    return a == b
+
+
 def _check_cache_encoders(rows: Sequence[SlideRow], files: Sequence[Path], enc: dict[str, Any]) -> None:
     from xtpath.cache import read_settings
 
@@ -325,10 +367,11 @@ def _check_cache_encoders(rows: Sequence[SlideRow], files: Sequence[Path], enc: 
         s = read_settings(f)
         if not s:
             continue  # a CLAM/TRIDENT file: nothing recorded to compare
-        for key in ("encoder", "weights_sha256", "features_kind", "encoder_px"):
-            if s.get(key) != enc.get(key):
+        for key in ("encoder", "weights_sha256", "features_kind", "encoder_px", "target_mpp", "region_px"):
+            if key in enc and not _same(s.get(key), enc.get(key)):
                 problems.append(f"{r.where}: {f} was made with {key}={s.get(key)!r}, this run uses "
-                                f"{enc.get(key)!r}; use the same --encoder/--weights or another --cache")
+                                f"{enc.get(key)!r}; every cache of a run needs the same encoder settings: "
+                                "re-extract it (xtpath extract --overwrite) or use another --cache")
                 break
     if problems:
         raise CacheError("\n".join(problems))
@@ -533,7 +576,8 @@ def _fit_split(prep: _Prepared, split: Split, cfg: TrainConfig, out_dir: Path, d
     if dist.enabled:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     metric, larger = _monitor(cfg)
-    state = {"epoch": -1, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "stopped": False}
+    state = {"epoch": -1, "best": None, "best_epoch": -1, "bad_epochs": 0, "history": [], "stopped": False,
+             "monitor": metric}
     last = out_dir / "last" / "state.pt"
     if resume and last.exists():
         s = _load_state(last)
@@ -543,7 +587,9 @@ def _fit_split(prep: _Prepared, split: Split, cfg: TrainConfig, out_dir: Path, d
         opt.load_state_dict(s["optimizer"])
         sched.load_state_dict(s["scheduler"])
         _set_rng_state(s["rng"])
-        state.update({k: s[k] for k in state})
+        state.update({k: s.get(k, state[k]) for k in state})
+        metric = str(state["monitor"])
+        larger = metric != "loss"
         log(f"{split.name}: resuming after epoch {state['epoch'] + 1}")
     bar = _EpochBar(show and dist.main)
     last_val = ""
@@ -598,6 +644,11 @@ def _fit_split(prep: _Prepared, split: Split, cfg: TrainConfig, out_dir: Path, d
         if dist.main:
             val = evaluate(model, eval_set, cfg, device, val_idx or train_idx, weights)
             score = val.get(metric, math.nan)
+            if metric != "loss" and state["best"] is None and isinstance(score, float) and math.isnan(score):
+                log(f"{split.name}: val {metric} is undefined (the validation slides hold a single class); the "
+                    "model is chosen by val loss instead (give the CSV's split column a val part with every class)")
+                metric, larger = "loss", False
+                state["monitor"], score = metric, val["loss"]
             if not (isinstance(score, float) and math.isnan(score)):
                 improved = state["best"] is None or (score > state["best"] if larger else score < state["best"])
             elif state["best"] is None:
@@ -685,6 +736,7 @@ def _write_split_outputs(out_dir: Path, ev: dict[str, Any], prep: _Prepared, cfg
         ax.plot(ep, [h["train_loss"] for h in history], label="train")
         ax.plot(ep, [h["val_loss"] for h in history], label="validation")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         ax.set_ylabel("loss")
         ax.set_title("Loss")
         ax.legend()
@@ -743,8 +795,10 @@ def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg
                 prep = _prepare(Path(csv_path), cfg, run, say)
         assert prep is not None
         if dist.main:
+            cfg.classes = list(prep.classes)
             write_text(run / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
             write_json(run / "classes.json", prep.classes)
+            _write_splits(run / "splits.csv", prep)
         results = []
         for split in prep.splits:
             out = run if len(prep.splits) == 1 else run / split.name
@@ -755,6 +809,26 @@ def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg
         return report
     finally:
         dist.close()
+
+
+def _write_splits(path: Path, prep: _Prepared) -> None:
+    """``splits.csv``: each slide's part (train, val, test) in every split, so that a later evaluation can keep
+    to the slides a model never trained on (``xtpath report --labels`` reads it)."""
+    import io
+
+    parts = []
+    for split in prep.splits:
+        part = [""] * len(prep.rows)
+        for name in ("train", "val", "test"):
+            for i in getattr(split, name):
+                part[i] = name
+        parts.append(part)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["slide_id", "label", *[s.name for s in prep.splits]])
+    for i, r in enumerate(prep.rows):
+        w.writerow([r.slide_id, r.label or "", *[p[i] for p in parts]])
+    write_text(path, buf.getvalue())
 
 
 def _aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -304,3 +304,16 @@ def test_direct_tile_decoding_equals_tiffslide(key):
             want = np.asarray(h._levels[lv][y:y + hh, x:x + w])[..., :3]
             assert np.array_equal(got, want), (lv, x, y)
             assert h._cached <= max(h.cache_bytes, max(t.nbytes for t in h._cache.values()))
+
+
+def test_a_folder_opens_only_as_dicom(tmp_path):
+    import shutil
+
+    with pytest.raises(UnsupportedSlideError, match="holds no DICOM files"):
+        open_slide(DATA)  # slides of other formats in a folder are not a DICOM series
+    for i, name in enumerate(("boxes_0.dcm", "boxes_1.dcm")):  # instances exported without the extension
+        shutil.copy(DATA / "dicom-boxes" / name, tmp_path / f"instance{i}")
+    (tmp_path / "notes.txt").write_text("not DICOM\n")
+    s = open_slide(tmp_path)
+    ref = open_slide(DATA / "dicom-boxes")
+    assert s.backend == "openslide" and s.dimensions == ref.dimensions and s.mpp == ref.mpp

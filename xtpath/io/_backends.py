@@ -220,11 +220,20 @@ def auto_order(path: Path) -> tuple[str, ...]:
     return ("openslide", "tiffslide")
 
 
+def _is_dicom(path: Path) -> bool:
+    """A DICOM Part 10 file: 128 bytes of preamble, then ``DICM``."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def dicom_entry(path: Path) -> Path:
     """The file openslide should open for a DICOM folder: any instance of the series (openslide finds the rest)."""
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
-    if not files:
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:  # instances without the extension (PACS exports): the DICOM preamble says which they are
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and _is_dicom(p))
     if not files:
         raise FileNotFoundError(f"{path}: the folder holds no DICOM files")
     # prefer the largest instance: it is the full-resolution VOLUME image

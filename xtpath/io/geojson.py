@@ -56,7 +56,7 @@ def _exact_polygons(mask: np.ndarray, scale_xy: tuple[float, float],
 
 def mask_polygons(mask: np.ndarray, scale_xy: tuple[float, float] = (1.0, 1.0),
                   offset_xy: tuple[float, float] = (0.0, 0.0), *, tolerance: float = 0.5,
-                  exact: bool = False) -> list[list[Ring]]:
+                  exact: bool = False, clip_xy: tuple[float, float] | None = None) -> list[list[Ring]]:
     """Polygons (exterior ring, then holes) outlining the ``True`` areas of a mask.
 
     Parameters
@@ -73,17 +73,28 @@ def mask_polygons(mask: np.ndarray, scale_xy: tuple[float, float] = (1.0, 1.0),
     exact : bool
         Follow the pixel edges exactly (label and segmentation masks, where a pixel can be a whole region);
         otherwise smooth marching-squares outlines (tissue), simplified with ``tolerance``.
+    clip_xy : (float, float), optional
+        Keep every vertex inside ``[0, W] x [0, H]`` (the slide: a mask's last pixels may reach past its edge).
 
     Returns
     -------
     list of polygons; each polygon is a list of closed rings ``[[x, y], ...]``, exterior first.
     Foreground is 4-connected and holes are 8-connected, as marching squares draws them.
     """
+    mask = np.asarray(mask, dtype=bool)
+    polygons = _exact_polygons(mask, scale_xy, offset_xy) if exact else \
+        _smooth_polygons(mask, scale_xy, offset_xy, tolerance)
+    if clip_xy is not None:
+        w, h = clip_xy
+        polygons = [[[[min(max(x, 0.0), w), min(max(y, 0.0), h)] for x, y in ring] for ring in poly]
+                    for poly in polygons]
+    return polygons
+
+
+def _smooth_polygons(mask: np.ndarray, scale_xy: tuple[float, float], offset_xy: tuple[float, float],
+                     tolerance: float) -> list[list[Ring]]:
     from skimage.measure import approximate_polygon, find_contours, label, regionprops
 
-    mask = np.asarray(mask, dtype=bool)
-    if exact:
-        return _exact_polygons(mask, scale_xy, offset_xy)
     polygons: list[list[Ring]] = []
     labels = label(mask, connectivity=1)
     for region in regionprops(labels):

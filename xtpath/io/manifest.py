@@ -79,7 +79,8 @@ def _clean(v: str | None) -> str | None:
 
 
 def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = False,
-                    require_masks: bool = False, check_files: bool = True) -> list[SlideRow]:
+                    require_masks: bool = False, check_files: bool = True,
+                    require_path: bool = True) -> list[SlideRow]:
     """Read and check a slides CSV.
 
     Parameters
@@ -91,6 +92,8 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
         Every row needs a ``mask`` (training segmentation).
     check_files : bool
         Check that slide and mask files exist.
+    require_path : bool
+        Every row needs a ``path`` (all but reading labels back, e.g. ``xtpath report --labels``).
 
     Raises
     ------
@@ -114,7 +117,7 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
         reader = csv.DictReader(f, dialect=dialect)
         header = [h.strip() for h in (reader.fieldnames or [])]
         reader.fieldnames = header
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header and (require_path or c != "path")]
         if require_labels and "label" not in header:
             missing.append("label")
         if require_masks and "mask" not in header:
@@ -140,7 +143,8 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
                 seen[sid] = i
             path = None
             if not raw_path:
-                problems.append(f"{where}: empty path")
+                if require_path:
+                    problems.append(f"{where}: empty path")
             else:
                 path = Path(raw_path).expanduser()
                 path = path if path.is_absolute() else (base / path)
@@ -176,8 +180,9 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
                                 "on every row")
             extra = {k: (v or "") for k, v in rec.items() if k not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS
                      and k is not None}
-            if sid and path is not None:
-                rows.append(SlideRow(slide_id=sid, path=path.resolve() if path.exists() else path, label=label,
+            if sid and (path is not None or not require_path):
+                path = Path() if path is None else path.resolve() if path.exists() else path
+                rows.append(SlideRow(slide_id=sid, path=path, label=label,
                                      split=split, case_id=_clean(rec.get("case_id")), mpp=mpp,
                                      mask=mask, line=i, extra=extra, csv=name))
     if not rows and not problems:
