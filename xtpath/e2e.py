@@ -212,7 +212,7 @@ class EndToEnd:
             idx = np.arange(s, min(n, s + chunk))
             out = self.encoder(read(idx).to(self.device))
             out.backward(g[s:s + len(idx)].to(out.dtype))
-        return float(loss)
+        return float(loss.detach())
 
     def all_reduce_grads(self, world: int) -> None:
         for p in self.encoder_parameters():

@@ -253,15 +253,20 @@ def _reader_init(worker_id: int) -> None:
 def plan_slide(row: SlideRow, cfg: ExtractConfig, encoder_px: int) -> tuple[Any, RegionGrid]:
     """Open a slide, find its tissue and cut its region grid (raises :class:`XtpathError` subclasses)."""
     slide = open_slide(row.path, mpp=row.mpp)
-    check_resolution(row.path, slide.require_mpp(), cfg.target_mpp, cfg.region_px)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "no tissue" is reported below as a failure
-        tm = detect_tissue(slide, cfg.tissue(), keep_image=False)
-    regions = make_region_grid(slide.dimensions, slide.mpp, cfg.target_mpp, cfg.region_px, encoder_px=encoder_px,
-                               tissue=tm, min_tissue=cfg.min_tissue, edge=cfg.edge, order=cfg.order)  # type: ignore
-    if len(regions) == 0:
-        raise NoTissueError(f"{row.path}: no region has at least {cfg.min_tissue:.0%} tissue "
-                            f"(tissue area {tm.area_mm2:.3f} mm²); check the slide or lower --min-tissue")
+    try:
+        check_resolution(row.path, slide.require_mpp(), cfg.target_mpp, cfg.region_px)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "no tissue" is reported below as a failure
+            tm = detect_tissue(slide, cfg.tissue(), keep_image=False)
+        regions = make_region_grid(slide.dimensions, slide.mpp, cfg.target_mpp, cfg.region_px,
+                                   encoder_px=encoder_px, tissue=tm, min_tissue=cfg.min_tissue, edge=cfg.edge,
+                                   order=cfg.order)  # type: ignore
+        if len(regions) == 0:
+            raise NoTissueError(f"{row.path}: no region has at least {cfg.min_tissue:.0%} tissue "
+                                f"(tissue area {tm.area_mm2:.3f} mm²); check the slide or lower --min-tissue")
+    except BaseException:
+        slide.close()  # a batch of a thousand slides must not keep the failed ones open
+        raise
     return slide, regions
 
 
@@ -283,10 +288,16 @@ def _autocast(device: Any) -> Any:
 
 def _encode_slide(row: SlideRow, encoder: Any, cfg: ExtractConfig, cache_dir: Path, enc: dict[str, Any],
                   progress: Progress, num_workers: int) -> int:
+    slide, regions = plan_slide(row, cfg, encoder.input_px)
+    with slide:
+        return _encode_planned(row, slide, regions, encoder, cfg, cache_dir, enc, progress, num_workers)
+
+
+def _encode_planned(row: SlideRow, slide: Any, regions: RegionGrid, encoder: Any, cfg: ExtractConfig,
+                    cache_dir: Path, enc: dict[str, Any], progress: Progress, num_workers: int) -> int:
     import torch
     from torch.utils.data import DataLoader
 
-    slide, regions = plan_slide(row, cfg, encoder.input_px)
     wanted = wanted_settings(cfg, enc, slide.mpp)
     k = regions.subregions_per_side
     dataset = _RegionDataset(slide, regions.locations(), regions.read_mpp, regions.read_px)

@@ -370,24 +370,24 @@ def score_one(sm: ScoreModel, row: SlideRow, cache_file: Path, out: Path) -> dic
         raise CacheError(f"{cache_file}: the region size is not recorded; re-extract it with xtpath")
     # cell of each region on the slide's own grid (foreign caches number cells from their first region)
     cells = np.rint(np.asarray(sf.coords, np.float64)[:, ::-1] / size).astype(np.int64)
-    slide = open_slide(row.path, mpp=row.mpp)
-    label_mask, mask_scale = None, 1.0
-    if "masks" in pred:
-        label_mask, mask_scale = _label_mask(sm, pred["masks"], cells, slide.dimensions, size)
-        from xtpath.io.tiffwriter import write_pyramid_tiff
+    with open_slide(row.path, mpp=row.mpp) as slide:  # closed now, not when the collector gets to it
+        label_mask, mask_scale = None, 1.0
+        if "masks" in pred:
+            label_mask, mask_scale = _label_mask(sm, pred["masks"], cells, slide.dimensions, size)
+            from xtpath.io.tiffwriter import write_pyramid_tiff
 
-        mpp = slide.require_mpp()
-        write_pyramid_tiff(folder / "mask.ome.tif", label_mask, (mpp[0] * mask_scale, mpp[1] * mask_scale),
-                           compression="zlib", ome=True, min_size=64)
-    _write_region_h5(folder / "regions.h5", sf.coords, sf.grid, pred["regions"], sm.classes, size)
-    _write_geojson(folder / "regions.geojson", sm, sf.coords, pred["regions"], size, label_mask, mask_scale)
-    _heatmap_png(folder / "heatmap.png", slide, sm, cells, pred["regions"], size, label_mask, mask_scale,
-                 predicted, row.slide_id)
-    rec = {"slide_id": row.slide_id, "status": "ok", "predicted": predicted,
-           "probs": {c: float(p) for c, p in zip(sm.classes, probs)}, "n_regions": int(len(sf)),
-           "seconds": time.perf_counter() - t0, "task": sm.task, "classes": sm.classes,
-           "slide_path": str(row.path), "slide_mpp": list(slide.require_mpp()), "region_size_level0": size,
-           "model": str(sm.run_dir.resolve())}
+            mpp = slide.require_mpp()
+            write_pyramid_tiff(folder / "mask.ome.tif", label_mask, (mpp[0] * mask_scale, mpp[1] * mask_scale),
+                               compression="zlib", ome=True, min_size=64)
+        _write_region_h5(folder / "regions.h5", sf.coords, sf.grid, pred["regions"], sm.classes, size)
+        _write_geojson(folder / "regions.geojson", sm, sf.coords, pred["regions"], size, label_mask, mask_scale)
+        _heatmap_png(folder / "heatmap.png", slide, sm, cells, pred["regions"], size, label_mask, mask_scale,
+                     predicted, row.slide_id)
+        rec = {"slide_id": row.slide_id, "status": "ok", "predicted": predicted,
+               "probs": {c: float(p) for c, p in zip(sm.classes, probs)}, "n_regions": int(len(sf)),
+               "seconds": time.perf_counter() - t0, "task": sm.task, "classes": sm.classes,
+               "slide_path": str(row.path), "slide_mpp": list(slide.require_mpp()), "region_size_level0": size,
+               "model": str(sm.run_dir.resolve())}
     write_json(folder / "prediction.json", rec)
     return rec
 
