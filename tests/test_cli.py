@@ -59,6 +59,13 @@ def test_tissue_writes_three_files(tmp_path):
     fc = json.loads((tmp_path / "CMU-1-Small-Region_tissue.geojson").read_text())
     assert fc["features"] and fc["features"][0]["properties"]["classification"]["name"] == "Tissue"
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary files left behind
+    from PIL import Image
+
+    mask = np.asarray(Image.open(tmp_path / "CMU-1-Small-Region_tissue.png"))
+    qc = Image.open(tmp_path / "CMU-1-Small-Region_qc.png")
+    # the mask is small (a few µm per pixel); its QC picture is blown up by whole pixels to be looked at
+    k = qc.size[0] // mask.shape[1]
+    assert k == 512 // max(mask.shape) >= 2 and qc.size == (mask.shape[1] * k, mask.shape[0] * k)
 
 
 def test_tile_h5_and_csv(tmp_path):

@@ -101,7 +101,7 @@ def info(slide: SlideArg, backend: BackendOpt = Backend.auto, mpp: MppOpt = None
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=str(slide), show_header=False, box=None)
+    t = Table(show_header=False, box=None)
     mpp_txt = f"{d['mpp'][0]:.4f} x {d['mpp'][1]:.4f} µm/px" if d["mpp"] else "unknown (pass --mpp)"
     if d["mpp_note"]:
         mpp_txt += f" [{d['mpp_note']}]"
@@ -118,7 +118,9 @@ def info(slide: SlideArg, backend: BackendOpt = Backend.auto, mpp: MppOpt = None
     rows.append(("associated", ", ".join(d["associated_images"]) or "-"))
     for k, v in rows:
         t.add_row(k, v)
-    Console().print(t)
+    console = Console()
+    console.print(str(slide), soft_wrap=True, markup=False, highlight=False)  # a long path stays whole
+    console.print(t)
 
 
 @app.command()

@@ -150,8 +150,10 @@ class TissueMask:
         """Tissue outline as polygons (exterior, holes) in level-0 pixel coordinates."""
         return mask_polygons(self.mask, self.downsample, tolerance=tolerance, clip_xy=self.slide_dimensions)
 
-    def qc_image(self, max_size: int = 2048) -> np.ndarray:
-        """The slide at mask resolution with the tissue contour drawn in green, RGB uint8."""
+    def qc_image(self, max_size: int = 2048, min_size: int = 512) -> np.ndarray:
+        """The slide at mask resolution with the tissue contour drawn in green, RGB uint8; at most ``max_size``
+        pixels a side, and a small mask's pixels repeated until the image is about ``min_size`` (for a person to
+        look at)."""
         from skimage.morphology import dilation, disk
         from skimage.segmentation import find_boundaries
 
@@ -168,6 +170,9 @@ class TissueMask:
 
             size = (max(1, int(img.shape[1] / scale)), max(1, int(img.shape[0] / scale)))
             img = np.asarray(Image.fromarray(img).resize(size, Image.Resampling.LANCZOS))
+        repeat = min_size // max(img.shape[:2])
+        if repeat >= 2:
+            img = np.repeat(np.repeat(img, repeat, axis=0), repeat, axis=1)
         return img
 
 
