@@ -457,7 +457,12 @@ def train(
     if rank0:
         metrics = report.get("metrics") or {k: v["mean"] for k, v in report.get("summary", {}).items()}
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        typer.echo(f"done: {shown} -> {out}")
+        if "summary" in report:
+            where = f"mean over {len(report.get('folds', []))} test folds"
+        else:
+            part = report.get("evaluated_on", "test")
+            where = f"on the {part} split ({report.get('n_' + part, '?')} slides)"
+        typer.echo(f"done: {where}: {shown} -> {out}")
 
 
 class _ScoreProgress(_ExtractProgress):
