@@ -124,3 +124,16 @@ def test_tile_refuses_a_target_mpp_far_finer_than_the_slide(tmp_path):
     assert "about 4 real pixels blown up to 256" in r.stderr
     ok = xtpath("tile", str(DATA / "dicom-camelyon-jpeg"), "--target-mpp", "16", "--region-px", "64", "--no-tissue")
     assert ok.returncode == 0, ok.stderr
+
+
+def test_empty_and_truncated_files_are_one_line_each(tmp_path):
+    empty = tmp_path / "empty.svs"
+    empty.write_bytes(b"")
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes((DATA / "CMU-1-Small-Region.svs").read_bytes()[:100_000])  # an interrupted copy
+    r = xtpath("info", str(empty))
+    assert r.returncode == 1 and r.stderr.strip() == (f"error: {empty}: empty file (0 bytes); the copy or download "
+                                                      "did not finish, copy it again")
+    r = xtpath("info", str(cut))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {cut}: not a slide"), r.stderr

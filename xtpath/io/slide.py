@@ -18,10 +18,12 @@ integer factor (``|W0/k - Wk| < 1`` on both axes) that factor is used; otherwise
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import threading
-from collections.abc import Mapping, Iterator
+from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,18 @@ __all__ = ["Slide", "open_slide", "slide_name"]
 _MAX_WINDOW_PX = 4096 * 4096
 _TOL = 1e-6
 _THUMB_LEVEL_PX = 32 * 2**20  # thumbnails read a whole pyramid level up to this size at once
+
+
+@contextlib.contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Hold back tifffile's log messages while a file is being tried (what matters is raised and reported)."""
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def slide_name(path: str | os.PathLike[str]) -> str:
@@ -428,10 +442,13 @@ def open_slide(path: str | os.PathLike[str], *, backend: str = "auto",
             target = dicom_entry(p)
         except FileNotFoundError as e:
             raise UnsupportedSlideError(f"{p}: not a slide: the folder holds no DICOM files") from e
+    elif p.stat().st_size == 0:
+        raise UnsupportedSlideError(f"{p}: empty file (0 bytes); the copy or download did not finish, copy it again")
     reasons = []
     for name in order:
         try:
-            handle = open_handle(name, str(target))
+            with _quiet_tifffile():  # it logs what it then raises ("invalid offset to first page") on its own line
+                handle = open_handle(name, str(target))
         except Exception as e:  # each library raises its own types for "not my format"
             reasons.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": "))
             continue
