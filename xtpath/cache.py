@@ -40,7 +40,7 @@ from xtpath.tiling import RegionGrid
 __all__ = [
     "COORDS", "GRID", "TISSUE", "FEATURES", "SCHEMA_VERSION", "KEY_FIELDS",
     "write_coords", "coords_attrs", "CacheWriter", "SlideFeatures", "load_features", "read_settings",
-    "settings_differences", "derive_grid", "cache_path",
+    "settings_differences", "same_setting", "derive_grid", "cache_path",
 ]
 
 COORDS = "coords"
@@ -260,20 +260,19 @@ def read_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise CacheError(f"{path}: not a readable HDF5 file ({e}); delete it or rerun with --overwrite") from e
 
 
+def same_setting(a: Any, b: Any) -> bool:
+    """Two values of a cache setting are the same (numbers to rounding: an mpp of 1 and 1.0 are one)."""
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return a is not None and b is not None and bool(np.allclose(np.asarray(a, float), np.asarray(b, float)))
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(float(a) - float(b)) < 1e-9 * max(1.0, abs(float(b)))
+    return bool(a == b)
+
+
 def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """The key settings (:data:`KEY_FIELDS`) that differ, as ``"name: stored -> wanted"`` strings."""
-    diffs = []
-    for k in KEY_FIELDS:
-        a, b = stored.get(k), wanted.get(k)
-        if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-            same = a is not None and b is not None and np.allclose(np.asarray(a, float), np.asarray(b, float))
-        elif isinstance(a, float) or isinstance(b, float):
-            same = a is not None and b is not None and abs(float(a) - float(b)) < 1e-9 * max(1.0, abs(float(b)))
-        else:
-            same = a == b
-        if not same:
-            diffs.append(f"{k}: {a!r} -> {b!r}")
-    return diffs
+    return [f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in KEY_FIELDS
+            if not same_setting(stored.get(k), wanted.get(k))]
 
 
 def derive_grid(coords: np.ndarray, step: float | None = None) -> np.ndarray:

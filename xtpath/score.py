@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xtpath.cache import cache_path, load_features, read_settings
+from xtpath.cache import cache_path, load_features, read_settings, same_setting
 from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, XtpathError
 from xtpath.extract import ExtractConfig, clear_failure, record_failure, run_device_workers
 from xtpath.io import SlideRow, open_slide
@@ -489,18 +489,9 @@ def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_
 
 
 def _mismatch(stored: dict[str, Any], key: dict[str, Any]) -> str | None:
-    """The first setting of ``key`` a cache's ``stored`` settings differ in (numbers to rounding; settings the
-    run did not record are not compared), or ``None``."""
-    for k, want in key.items():
-        have = stored.get(k)
-        if want is None:
-            continue
-        if isinstance(want, (int, float)) and isinstance(have, (int, float)):
-            if not math.isclose(float(want), float(have), rel_tol=1e-9):
-                return k
-        elif have != want:
-            return k
-    return None
+    """The first setting of ``key`` a cache's ``stored`` settings differ in (settings the run did not record
+    are not compared), or ``None``."""
+    return next((k for k, want in key.items() if want is not None and not same_setting(stored.get(k), want)), None)
 
 
 def _claim_out_dir(sm: ScoreModel, out: Path) -> None:

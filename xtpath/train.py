@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xtpath.cache import cache_path, load_features
+from xtpath.cache import cache_path, load_features, same_setting
 from xtpath.data import (
     IGNORE_INDEX,
     CachedSlides,
@@ -307,7 +307,7 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
 
                 given["weights_sha256"] = file_sha256(cfg.weights)
             for key, value in given.items():
-                if value is not None and not _same(value, s0.get(key)):
+                if value is not None and not same_setting(value, s0.get(key)):
                     raise CacheError(f"{files[0]}: the caches were made with {key}={s0.get(key)!r}, this run asks "
                                      f"for {value!r}; drop the option to train on these caches, or pass --encoder "
                                      "with another --cache to build new ones")
@@ -350,13 +350,6 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
     return _Prepared(rows, classes, labels, files, splits, in_shape, enc_settings)
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Settings equal (numbers compared as floats: 1 and 1.0 are the same mpp)."""
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(float(a), float(b), rel_tol=1e-9)
-    return a == b
-
-
 def _check_cache_encoders(rows: Sequence[SlideRow], files: Sequence[Path], enc: dict[str, Any]) -> None:
     from xtpath.cache import read_settings
 
@@ -368,7 +361,7 @@ def _check_cache_encoders(rows: Sequence[SlideRow], files: Sequence[Path], enc: 
         if not s:
             continue  # a CLAM/TRIDENT file: nothing recorded to compare
         for key in ("encoder", "weights_sha256", "features_kind", "encoder_px", "target_mpp", "region_px"):
-            if key in enc and not _same(s.get(key), enc.get(key)):
+            if key in enc and not same_setting(s.get(key), enc.get(key)):
                 problems.append(f"{r.where}: {f} was made with {key}={s.get(key)!r}, this run uses "
                                 f"{enc.get(key)!r}; every cache of a run needs the same encoder settings: "
                                 "re-extract it (xtpath extract --overwrite) or use another --cache")
