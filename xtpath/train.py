@@ -670,7 +670,8 @@ def _fit_split(prep: _Prepared, split: Split, cfg: TrainConfig, out_dir: Path, d
             _save_state(last, snap)
         bar.end(last_val)
         if dist.main:
-            log(f"{'' if split.name == 'split' else split.name + ' '}epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, {last_val}"
+            prefix = "" if split.name == "split" else f"{split.name} "
+            log(f"{prefix}epoch {epoch + 1}/{cfg.epochs}: train loss {train_loss:.4f}, {last_val}"
                 + (" (best)" if improved else ""))
         dist.barrier()
     result: dict[str, Any] = {"split": split.name, "best_epoch": state["best_epoch"] + 1,
