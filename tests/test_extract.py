@@ -271,6 +271,9 @@ def test_weights_that_do_not_fit_stop_the_run_once_not_per_slide(tmp_path):
     with pytest.raises(CheckpointError, match="vit.safetensors: weights do not fit encoder 'test_convnext'"):
         extract_slides(read_slides_csv(csv), cache, ExtractConfig(**{**ENC, "num_workers": 0}, weights=str(path)))
     assert not (cache / "failures.csv").exists() and not list(cache.glob("*.h5"))
+    with pytest.raises(XtpathError, match="vit.safetensors: weights do not fit encoder"):  # from a device worker
+        extract_slides(read_slides_csv(csv), cache, ExtractConfig(**{**ENC, "num_workers": 0}, weights=str(path)),
+                       devices=["cpu", "cpu"])
     r = _run("extract", csv, "--out", tmp_path / "c2", "--encoder", "test_convnext", "--weights",
              tmp_path / "missing.safetensors")
     assert r.returncode == 1 and "error: --weights" in r.stderr and "missing.safetensors: no such file" in r.stderr

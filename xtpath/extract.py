@@ -485,7 +485,7 @@ def run_device_workers(target: Callable[..., None], args: Sequence[tuple[Any, ..
 
     ctx = tmp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*a, queue)) for a in args]
+    procs = [ctx.Process(target=_worker_main, args=(target, a, queue)) for a in args]
     for p in procs:
         p.start()
     summaries: list[dict[str, Any]] = []
@@ -502,6 +502,8 @@ def run_device_workers(target: Callable[..., None], args: Sequence[tuple[Any, ..
                 continue
             if event == "summary":
                 summaries.append(data)
+            elif event == "error":  # a problem of the whole run (weights that do not fit, ...): one line
+                raise XtpathError(data)
             else:
                 progress(event, data)
     finally:
@@ -510,6 +512,14 @@ def run_device_workers(target: Callable[..., None], args: Sequence[tuple[Any, ..
                 p.terminate()
             p.join()
     return summaries
+
+
+def _worker_main(target: Callable[..., None], args: tuple[Any, ...], queue: Any) -> None:
+    """A device worker: ``target(*args, queue)``; an xtpath error goes to the parent as one line."""
+    try:
+        target(*args, queue)
+    except XtpathError as e:
+        queue.put(("error", str(e)))
 
 
 def _clean_stale_temp(cache: Path) -> None:
