@@ -450,9 +450,10 @@ def extract_slides(rows: Sequence[SlideRow], cache_dir: str | os.PathLike[str], 
         raise InvalidParameterError(f"--batch-size {cfg.batch_size}: must be at least 1")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise InvalidParameterError(f"--workers {cfg.num_workers}: must be 0 (read in this process) or more")
-    if cfg.weights and not Path(cfg.weights).is_file():
-        raise InvalidParameterError(f"--weights {cfg.weights}: no such file; give the region encoder's weights "
-                                    "(safetensors or a PyTorch state dict)")
+    if cfg.weights:
+        from xtpath.models.encoders import weights_path
+
+        weights_path(cfg.weights)
     enc = encoder_settings(cfg)
     preflight(rows, cfg, cache, enc)
     _clean_stale_temp(cache)

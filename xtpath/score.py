@@ -55,6 +55,8 @@ class ScoreModel:
     task: str
     extract: dict[str, Any]
     device: torch.device = torch.device("cpu")
+    model_files: list[Path] = field(default_factory=list)
+    """The ``model.safetensors`` of every fold (what :meth:`identity` hashes)."""
 
     def extract_config(self) -> ExtractConfig:
         """The run's region encoder settings, to extract the caches that are missing."""
@@ -79,9 +81,7 @@ class ScoreModel:
 
         from xtpath.models.encoders import file_sha256
 
-        files = [self.run_dir / "model.safetensors"] if (self.run_dir / "model.safetensors").exists() else \
-            sorted(self.run_dir.glob("fold*/model.safetensors"))
-        digest = hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+        digest = hashlib.sha256("".join(file_sha256(f) for f in self.model_files).encode()).hexdigest()
         return {"model": str(self.run_dir.resolve()), "model_sha256": digest, "classes": list(self.classes)}
 
 
@@ -96,7 +96,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
     import yaml
 
     from xtpath.models import load_model
-    from xtpath.models.encoders import file_sha256
+    from xtpath.models.encoders import file_sha256, weights_path
 
     run = Path(run_dir)
     if not (run / "classes.json").exists():
@@ -113,16 +113,15 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
     if tuned.exists():  # an end-to-end run: features come from its fine-tuned encoder
         extract.update(weights=str(tuned.resolve()), weights_sha256=file_sha256(tuned))
     elif weights is not None:
-        w = Path(weights).expanduser()
-        if not w.is_file():
-            raise CheckpointError(f"--weights {weights}: no such file")
+        w = weights_path(weights)
         sha, want = file_sha256(w), extract.get("weights_sha256")
         if want and sha != want:
             raise CheckpointError(f"--weights {weights}: SHA-256 {sha[:16]}... is not that of the weights the model "
                                   f"was trained with ({str(want)[:16]}...); give the same file")
-        extract["weights"] = str(w.resolve())
+        extract["weights"] = str(w)
     return ScoreModel(run, models, json.loads((run / "classes.json").read_text()),
-                      str(cfg.get("task", "classification")), extract, dev)
+                      str(cfg.get("task", "classification")), extract, dev,
+                      [f / "model.safetensors" for f in folders])
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:

@@ -187,11 +187,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
     if cfg.cache is not None:
         cfg.cache = str(Path(cfg.cache).expanduser().resolve())  # config.yaml records where the features are
     if cfg.weights is not None:
-        w = Path(cfg.weights).expanduser()
-        if not w.is_file():
-            raise InvalidParameterError(f"--weights {cfg.weights}: no such file; give the region encoder's weights "
-                                        "(safetensors or a PyTorch state dict)")
-        cfg.weights = str(w.resolve())  # the run records where they are, wherever it is scored from
+        from xtpath.models.encoders import weights_path
+
+        cfg.weights = str(weights_path(cfg.weights))  # recorded absolute: the run is scored from anywhere
     return cfg
 
 

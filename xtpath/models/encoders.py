@@ -25,7 +25,8 @@ from torch import nn
 
 from xtpath.errors import CheckpointError, InvalidParameterError
 
-__all__ = ["ALIASES", "EncoderSpec", "RegionEncoder", "build_region_encoder", "file_sha256", "resolve_encoder"]
+__all__ = ["ALIASES", "EncoderSpec", "RegionEncoder", "build_region_encoder", "file_sha256",
+           "resolve_encoder", "weights_path"]
 
 FeatureKind = Literal["pooled", "tokens"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,6 +157,15 @@ def _layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, str):
             out[k] = getattr(timm.layers, v, None) or getattr(nn, v)
     return out
+
+
+def weights_path(path: str | os.PathLike[str]) -> Path:
+    """A ``--weights`` file as an absolute path, checked before any work starts (runs record where it is)."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise InvalidParameterError(f"--weights {path}: no such file; give the region encoder's weights "
+                                    "(safetensors or a PyTorch state dict)")
+    return p.resolve()
 
 
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
