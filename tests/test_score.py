@@ -21,6 +21,7 @@ from xtpath.demo_data import DemoSpec, make_demo_dataset
 from xtpath.errors import CacheError
 from xtpath.extract import ExtractConfig, extract_slides
 from xtpath.io import open_slide, read_slides_csv
+from xtpath.io.tiffwriter import read_label_names
 from xtpath.score import parse_shard, score_slides, shard_rows
 from xtpath.train import load_config, train
 
@@ -117,6 +118,8 @@ def test_segmentation_outputs(runs, tmp_path):
         mask = np.asarray(ts.read_region((0, 0), 0, ts.dimensions, as_array=True))
         mask = mask[..., 0] if mask.ndim == 3 else mask
         assert set(np.unique(mask)) <= {0, 1, 2, 255}
+        assert read_label_names(folder / "mask.ome.tif") == {0: "background", 1: "dense", 2: "pink",
+                                                             255: "not scored"}
         assert (mask != 255).sum() == len(sf)  # one cell per scored region
         fc = json.loads((folder / "regions.geojson").read_text())
         names = {f["properties"]["classification"]["name"] for f in fc["features"]}

@@ -9,7 +9,8 @@ it scored and a rerun scores only what is missing) and ``OUT_DIR/failures.csv``.
 * ``regions.h5``: ``coords`` (level-0 ``(x, y)``), ``grid`` and ``probs`` (N, C) per region;
 * ``regions.geojson``: QuPath objects in level-0 pixels (regions as ``tile`` objects with one measurement per
   class, as WSInfer writes them; segmentation as annotation polygons with a classification);
-* ``mask.ome.tif`` (segmentation): the label mask as a pyramidal OME-TIFF with its mpp (QuPath, napari).
+* ``mask.ome.tif`` (segmentation): the label mask as a pyramidal OME-TIFF with its mpp (QuPath, napari);
+  values are class indices (255: not scored), named in its OME metadata (``read_label_names``).
 
 Region scores of a classifier are the slide head applied to each region's context output: they show where the
 model's evidence lies, not a calibrated region label.
@@ -373,11 +374,13 @@ def score_one(sm: ScoreModel, row: SlideRow, cache_file: Path, out: Path) -> dic
         label_mask, mask_scale = None, 1.0
         if "masks" in pred:
             label_mask, mask_scale = _label_mask(sm, pred["masks"], cells, slide.dimensions, size)
-            from xtpath.io.tiffwriter import write_pyramid_tiff
+            from xtpath.io.tiffwriter import label_names_metadata, write_pyramid_tiff
 
             mpp = slide.require_mpp()
+            names = {**dict(enumerate(sm.classes)), 255: "not scored"}
             write_pyramid_tiff(folder / "mask.ome.tif", label_mask, (mpp[0] * mask_scale, mpp[1] * mask_scale),
-                               compression="zlib", ome=True, min_size=64)
+                               compression="zlib", ome=True, min_size=64,
+                               ome_metadata=label_names_metadata(names, f"{row.slide_id} segmentation"))
         _write_region_h5(folder / "regions.h5", sf.coords, sf.grid, pred["regions"], sm.classes, size)
         _write_geojson(folder / "regions.geojson", sm, sf.coords, pred["regions"], size, label_mask, mask_scale)
         _heatmap_png(folder / "heatmap.png", slide, sm, cells, pred["regions"], size, label_mask, mask_scale,

@@ -14,7 +14,10 @@ import numpy as np
 
 from xtpath.io.files import atomic_path
 
-__all__ = ["write_pyramid_tiff", "downsample2"]
+__all__ = ["write_pyramid_tiff", "downsample2", "label_names_metadata", "read_label_names"]
+
+# OME MapAnnotation namespace of the label value -> class name map of a label mask
+LABEL_NAMESPACE = "xtpath/label-names"
 
 
 def downsample2(img: np.ndarray) -> np.ndarray:
@@ -28,7 +31,7 @@ def downsample2(img: np.ndarray) -> np.ndarray:
 def write_pyramid_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: float | tuple[float, float], *,
                        tile: int = 256, compression: str | None = "jpeg", quality: int = 90,
                        min_size: int = 256, levels: int | None = None, ome: bool = False,
-                       description: str | None = None) -> Path:
+                       description: str | None = None, ome_metadata: dict | None = None) -> Path:
     """Write ``image`` (level 0) and its 2x pyramid as a tiled TIFF, atomically.
 
     Parameters
@@ -49,6 +52,8 @@ def write_pyramid_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: flo
     ome : bool
         Write OME-XML metadata; reduced levels then go to SubIFDs, the OME-TIFF pyramid layout that QuPath,
         napari and tiffslide read (openslide does not read OME-TIFF).
+    ome_metadata : dict, optional
+        More OME-XML for the image, in tifffile's form (``Name``, ``Description``, ``MapAnnotation``, ...).
     """
     import tifffile
 
@@ -71,7 +76,7 @@ def write_pyramid_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: flo
         with tifffile.TiffWriter(tmp, bigtiff=image.nbytes > 2**31, ome=ome) as tw:
             if ome:
                 meta = {"PhysicalSizeX": mx, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": my,
-                        "PhysicalSizeYUnit": "µm", "axes": "YXS" if rgb else "YX"}
+                        "PhysicalSizeYUnit": "µm", "axes": "YXS" if rgb else "YX", **(ome_metadata or {})}
                 tw.write(pyramid[0], subifds=len(pyramid) - 1, resolution=res, resolutionunit="CENTIMETER",
                          metadata=meta, **opts)
                 for lv in pyramid[1:]:
@@ -86,3 +91,30 @@ def write_pyramid_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: flo
                     tw.write(lv, subfiletype=1, resolution=(res[0] / f, res[1] / f), resolutionunit="CENTIMETER",
                              metadata=None, **opts)
     return Path(path)
+
+
+def label_names_metadata(names: dict[int, str], title: str) -> dict:
+    """OME metadata (for ``write_pyramid_tiff(ome_metadata=...)``) naming a label mask's values: the image's
+    ``Name``, a ``Description`` ("0 = tumour, 1 = stroma, 255 = not scored") that viewers show, and the same
+    map as a ``MapAnnotation`` (namespace ``xtpath/label-names``) that :func:`read_label_names` reads."""
+    text = ", ".join(f"{v} = {n}" for v, n in sorted(names.items()))
+    return {"Name": title, "Description": f"label mask: {text}",
+            "MapAnnotation": {"Namespace": LABEL_NAMESPACE, **{str(v): n for v, n in sorted(names.items())}}}
+
+
+def read_label_names(path: str | os.PathLike[str]) -> dict[int, str]:
+    """The label value -> class name map stored by :func:`label_names_metadata` in an OME-TIFF (empty if none)."""
+    import tifffile
+
+    with tifffile.TiffFile(path) as tf:
+        xml = tf.ome_metadata
+    if not xml:
+        return {}
+    ann = tifffile.xml2dict(xml).get("OME", {}).get("StructuredAnnotations", {}).get("MapAnnotation", [])
+    for a in ann if isinstance(ann, list) else [ann]:
+        if a.get("Namespace") != LABEL_NAMESPACE:
+            continue
+        pairs = a.get("Value", {}).get("M", [])
+        pairs = pairs if isinstance(pairs, list) else [pairs]
+        return {int(m["K"]): str(m["value"]) for m in pairs}
+    return {}
