@@ -212,11 +212,15 @@ def test_resume_after_a_kill_scores_only_what_is_missing(runs, tmp_path):
     proc.wait()
     before = len(_predictions(out))
     assert 2 <= before < 8
+    # a slide's folder appears whole (written under a hidden name, then moved): never without its record
+    visible = [d for d in out.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    assert visible and all((d / "prediction.json").exists() and (d / "regions.h5").exists() for d in visible)
     r = _xtpath(*args)
     assert r.returncode == 0, r.stderr
     assert f"{8 - before} scored, {before} already scored" in r.stdout
     ids = [p["slide_id"] for p in _predictions(out)]
     assert sorted(ids) == sorted(x.slide_id for x in read_slides_csv(csv_path))
+    assert not list(out.glob(".*.partial")) and all((out / i / "heatmap.png").exists() for i in ids)
 
 
 def test_a_model_refuses_a_cache_from_another_encoder(runs, tmp_path):

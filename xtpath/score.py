@@ -24,6 +24,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -360,11 +361,28 @@ def score_one(sm: ScoreModel, row: SlideRow, cache_file: Path, out: Path) -> dic
                          f"on {key.get(k)!r}; score with the model's own encoder settings (drop --cache to "
                          "extract anew) or use a cache made with them")
     pred = _predict(sm, sf.features, sf.grid)
+    # written into a hidden folder beside it, moved into place whole: a killed or failed slide leaves no half
+    # set of outputs under OUT_DIR/<slide_id>
+    final = out / row.slide_id
+    folder = out / f".{row.slide_id}.partial"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        rec = _score_outputs(sm, row, sf, cache_file, pred, folder, t0)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)  # an earlier failed attempt's record
+    os.replace(folder, final)
+    return rec
+
+
+def _score_outputs(sm: ScoreModel, row: SlideRow, sf: Any, cache_file: Path, pred: dict[str, Any], folder: Path,
+                   t0: float) -> dict[str, Any]:
+    """Write one slide's outputs into ``folder``; returns the prediction record."""
     probs = pred["slide"]
     predicted = sm.classes[int(np.argmax(probs))] if sm.task == "classification" else \
         sm.classes[int(np.argmax(probs[1:])) + 1] if len(probs) > 1 else sm.classes[0]
-    folder = out / row.slide_id
-    folder.mkdir(parents=True, exist_ok=True)
     size = float(sf.region_size_level0 or 0.0)
     if size <= 0:
         raise CacheError(f"{cache_file}: the region size is not recorded; re-extract it with xtpath")

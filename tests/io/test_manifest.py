@@ -39,7 +39,8 @@ def test_every_problem_at_once(tmp_path):
                          f"D,{DATA / 'CMU-1-Small-Region.svs'},x,holdout,\n"
                          f"E,{DATA / 'CMU-1-Small-Region.svs'},x,test,-1\n"
                          f"F/G,{DATA / 'CMU-1-Small-Region.svs'},x,test,\n"
-                         ",,x,test,\n")
+                         ",,x,test,\n"
+                         f"..,{DATA / 'CMU-1-Small-Region.svs'},x,test,\n")
     with pytest.raises(ManifestError) as e:
         read_slides_csv(p, require_labels=True)
     lines = str(e.value).splitlines()
@@ -49,9 +50,12 @@ def test_every_problem_at_once(tmp_path):
         "slides.csv:5: empty label; training needs a label on every row (or remove the row)",
         "slides.csv:6: split 'holdout' is not one of train, val, test",
         "slides.csv:7: mpp '-1' is not a positive number of microns per pixel",
-        "slides.csv:8: slide_id 'F/G' has characters unsafe in file names; use letters, digits, '.', '_', '-', '+'",
+        "slides.csv:8: slide_id 'F/G' is unsafe as a file name; use letters, digits, '.', '_', '-', '+', not "
+        "starting with '.'",
         "slides.csv:9: empty slide_id",
         "slides.csv:9: empty path",
+        "slides.csv:10: slide_id '..' is unsafe as a file name; use letters, digits, '.', '_', '-', '+', not "
+        "starting with '.'",
     ]
     # the same file is fine when labels are not needed, apart from the other problems
     with pytest.raises(ManifestError) as e2:

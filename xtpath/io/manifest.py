@@ -134,9 +134,9 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
             raw_path = _clean(rec.get("path"))
             if not sid:
                 problems.append(f"{where}: empty slide_id")
-            elif not _SAFE_ID.match(sid):
-                problems.append(f"{where}: slide_id {sid!r} has characters unsafe in file names; "
-                                "use letters, digits, '.', '_', '-', '+'")
+            elif not _SAFE_ID.match(sid) or sid.startswith("."):
+                problems.append(f"{where}: slide_id {sid!r} is unsafe as a file name; use letters, digits, "
+                                "'.', '_', '-', '+', not starting with '.'")
             elif sid in seen:
                 problems.append(f"{where}: slide_id {sid!r} is already used on line {seen[sid]}")
             else:
