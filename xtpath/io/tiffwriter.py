@@ -14,18 +14,36 @@ import numpy as np
 
 from xtpath.io.files import atomic_path
 
-__all__ = ["write_pyramid_tiff", "downsample2", "label_names_metadata", "read_label_names"]
+__all__ = ["write_pyramid_tiff", "downsample2", "downsample_labels2", "label_names_metadata", "read_label_names"]
 
 # OME MapAnnotation namespace of the label value -> class name map of a label mask
 LABEL_NAMESPACE = "xtpath/label-names"
 
 
+def _pad_even(img: np.ndarray) -> np.ndarray:
+    """``img`` with its last row/column repeated where its height/width is odd."""
+    ph, pw = img.shape[0] % 2, img.shape[1] % 2
+    if not (ph or pw):
+        return img
+    return np.pad(img, ((0, ph), (0, pw)) + ((0, 0),) * (img.ndim - 2), mode="edge")
+
+
 def downsample2(img: np.ndarray) -> np.ndarray:
-    """2x2 box average of an ``(H, W[, C])`` uint8 image to ``(H//2, W//2[, C])`` (rounded)."""
-    h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
-    a = img[:h, :w].astype(np.uint16)
+    """2x2 box average of an ``(H, W[, C])`` uint8 image to ``(ceil(H/2), ceil(W/2)[, C])`` (rounded; an odd
+    last row/column is averaged with itself), so that every level is exactly half the one above."""
+    a = _pad_even(img).astype(np.uint16)
     s = a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
     return ((s + 2) // 4).astype(np.uint8)
+
+
+def downsample_labels2(labels: np.ndarray) -> np.ndarray:
+    """2x2 majority of an ``(H, W)`` label image to ``(ceil(H/2), ceil(W/2))``: every value is one of its four
+    pixels' (averaging class indices would invent classes); ties go to the first of top-left, bottom-left,
+    top-right, bottom-right."""
+    a = _pad_even(labels)
+    cand = np.stack([a[0::2, 0::2], a[1::2, 0::2], a[0::2, 1::2], a[1::2, 1::2]])  # (4, h, w)
+    votes = (cand[:, None] == cand[None, :]).sum(1)  # (4, h, w): how many of the four equal each one
+    return np.take_along_axis(cand, votes.argmax(0)[None], 0)[0]
 
 
 def write_pyramid_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: float | tuple[float, float], *,
@@ -63,7 +81,7 @@ def write_pyramid_tiff(path: str | os.PathLike[str], image: np.ndarray, mpp: flo
             (levels is not None and len(pyramid) < levels):
         if min(pyramid[-1].shape[:2]) < 2:
             break
-        pyramid.append(downsample2(pyramid[-1]))
+        pyramid.append(downsample2(pyramid[-1]) if image.ndim == 3 else downsample_labels2(pyramid[-1]))
     rgb = image.ndim == 3
     opts: dict = {"tile": (tile, tile), "photometric": "rgb" if rgb else "minisblack"}
     if compression == "jpeg":
