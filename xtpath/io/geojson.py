@@ -12,6 +12,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -213,7 +214,7 @@ def read_annotations(path: str | os.PathLike[str]) -> list[tuple[str, list[Ring]
     from xtpath.errors import ManifestError
 
     try:
-        data = json.loads(open(path, encoding="utf-8").read())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise ManifestError(f"{path}: not a readable GeoJSON file ({e}); export annotations from QuPath as "
                             "GeoJSON") from e

@@ -203,8 +203,9 @@ def test_export_to_geojson_and_read_back(make_napari_viewer, tmp_path, white_sli
     mpp = 0.5
     # a rectangle over level-0 x 1000..1400, y 600..900 (world = (level0 - 0.5) * mpp)
     y0, x0, y1, x1 = (600 - 0.5) * mpp, (1000 - 0.5) * mpp, (900 - 0.5) * mpp, (1400 - 0.5) * mpp
+    # drawn as a user would: no metadata, the level-0 pixel size comes from the slide open in the viewer
     shapes = viewer.add_shapes([np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])], shape_type="polygon",
-                               name="tumour", features={"class": ["Tumor"]}, metadata={"mpp": [mpp, mpp]})
+                               name="tumour", features={"class": ["Tumor"]})
     lab = np.zeros((8, 8), np.uint8)
     lab[2:4, 5:7] = 1  # 512-px label pixels: level-0 x 2560..3584, y 1024..2048
     labels = viewer.add_labels(lab, scale=(256.0, 256.0), translate=((256 - mpp) / 2, (256 - mpp) / 2),
@@ -222,6 +223,51 @@ def test_export_to_geojson_and_read_back(make_napari_viewer, tmp_path, white_sli
     assert stroma.bounds == pytest.approx((2560, 1024, 3584, 2048), abs=1.0)
     assert stroma.area == pytest.approx(1024 * 1024, rel=0.01)
     assert slide.metadata["mpp"] == [mpp, mpp]
+    # the export opens again as Shapes in the same place (level-0 pixels -> microns over the slide)
+    back = viewer.open(out, plugin="napari-xt")
+    polys = {c: d for c, d, t in zip(back[0].features["class"], back[0].data, back[0].shape_type) if t == "polygon"}
+    assert set(polys) == {"Tumor", "Stroma"}
+    assert np.allclose(np.sort(polys["Tumor"], 0), np.sort(shapes.data[0], 0), atol=1e-6)
+
+
+def test_segmentation_folder_and_bare_mask_export_in_level0_pixels(make_napari_viewer, tmp_path, white_slide):
+    """A multiscale segmentation mask from a score folder exports where its pixels lie on the slide."""
+    import h5py
+    from shapely.geometry import shape
+
+    from xtpath.io.tiffwriter import label_names_metadata, write_pyramid_tiff
+
+    folder = tmp_path / "white"
+    folder.mkdir()
+    mask = np.zeros((64, 64), np.uint8)  # 64 level-0 px (32 µm) per mask pixel
+    mask[10:20, 5:30] = 1  # level-0 x 320..1920, y 640..1280
+    mask[40:50, 40:64] = 2  # x 2560..4096, y 2560..3200
+    names = {0: "background", 1: "Tumor", 2: "Stroma", 255: "not scored"}
+    write_pyramid_tiff(folder / "mask.ome.tif", mask, 32.0, compression="zlib", ome=True, min_size=16,
+                       ome_metadata=label_names_metadata(names, "white segmentation"))
+    xy = np.array([(x, y) for y in range(0, 4096, 256) for x in range(0, 4096, 256)], np.int64)
+    with h5py.File(folder / "regions.h5", "w") as f:
+        f["coords"], f["probs"] = xy, np.full((len(xy), 3), 1 / 3, np.float32)
+    (folder / "prediction.json").write_text(json.dumps(
+        {"slide_id": "white", "status": "ok", "slide_path": str(white_slide), "slide_mpp": [0.5, 0.5],
+         "region_size_level0": 256.0, "classes": ["background", "Tumor", "Stroma"], "probs": {}}))
+    viewer = make_napari_viewer(show=True)
+    viewer.open(folder, plugin="napari-xt")
+    seg = viewer.layers["segmentation"]
+    assert seg.multiscale and len(seg.data) == 3
+    expected = {"Tumor": (320, 640, 1920, 1280), "Stroma": (2560, 2560, 4096, 3200)}
+    for layer, name in ((seg, "folder"), (None, "bare")):
+        if layer is None:  # the mask file on its own: classes from its OME metadata, mpp from prediction.json
+            layer = viewer.open(folder / "mask.ome.tif", plugin="napari-xt")[0]
+            assert layer.name == "white segmentation" and layer.metadata["classes"] == ["background", "Tumor",
+                                                                                        "Stroma"]
+        out = tmp_path / f"{name}.geojson"
+        napari.save_layers(str(out), [layer], plugin="napari-xt")
+        got = {f["properties"]["classification"]["name"]: shape(f["geometry"]).bounds
+               for f in json.loads(out.read_text())["features"]}
+        assert set(got) == set(expected)
+        for c, b in expected.items():
+            assert got[c] == pytest.approx(b, abs=1e-6), (name, c)
 
 
 def test_sample_data_and_region_scores_export(make_napari_viewer, tmp_path):

@@ -91,6 +91,20 @@ def slide_layer(slide: Any) -> LayerData:
     return (levels if len(levels) > 1 else levels[0], kwargs, "image")
 
 
+def viewer_slide_mpps() -> set[tuple[float, float]]:
+    """The level-0 µm/px (x, y) of the xtpath slides open in napari's current viewer (empty without one)."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except ImportError:  # pragma: no cover - only called from napari
+        return set()
+    if viewer is None:
+        return set()
+    return {(float(lay.metadata["mpp"][0]), float(lay.metadata["mpp"][1])) for lay in viewer.layers
+            if lay.metadata.get("xtpath_slide") and lay.metadata.get("mpp")}
+
+
 def _cell_transform(slide_scale: tuple[float, float], cell_um: tuple[float, float]) -> dict[str, Any]:
     return {"scale": cell_um, "translate": ((cell_um[0] - slide_scale[0]) / 2, (cell_um[1] - slide_scale[1]) / 2),
             "units": ("um", "um")}
@@ -154,21 +168,71 @@ def class_colormap(classes: list[str]) -> Any:
     return DirectLabelColormap(color_dict=colors)
 
 
-def mask_layer(mask_path: Path, classes: list[str], slide_mpp: tuple[float, float]) -> LayerData:
-    """A segmentation mask (pyramidal OME-TIFF written by xtpath score) as a Labels layer with class colours."""
+def mask_layer(mask_path: Path, classes: list[str], slide_mpp: tuple[float, float] | None) -> LayerData:
+    """A segmentation mask (pyramidal OME-TIFF written by xtpath score) as a Labels layer with class colours.
+
+    ``slide_mpp``: the slide's level-0 µm/px, for the half-pixel offset of napari's pixel centres (``None``
+    when unknown: the mask's corner then lands within half a slide pixel of the slide's)."""
     import tifffile
 
     with tifffile.TiffFile(mask_path) as tf:
         series = tf.series[0]
         data = [np.asarray(level.asarray()) for level in series.levels]
-        res = tf.pages[0].tags["XResolution"].value
-    mask_mpp = 1e4 * res[1] / res[0]
-    slide_scale = (slide_mpp[1], slide_mpp[0])
-    scale = (mask_mpp, mask_mpp)
+        rx, ry = tf.pages[0].tags["XResolution"].value, tf.pages[0].tags["YResolution"].value
+    scale = (1e4 * ry[1] / ry[0], 1e4 * rx[1] / rx[0])  # (y, x) µm per mask pixel
+    slide_scale = (slide_mpp[1], slide_mpp[0]) if slide_mpp else (0.0, 0.0)
+    meta: dict[str, Any] = {"xtpath_mask": str(mask_path), "classes": classes}
+    if slide_mpp:
+        meta["slide_mpp"] = list(slide_mpp)
     return (data if len(data) > 1 else data[0],
             {"name": "segmentation", "colormap": class_colormap(classes), "opacity": 0.5,
-             "multiscale": len(data) > 1, "metadata": {"xtpath_mask": str(mask_path), "classes": classes},
-             **_cell_transform(slide_scale, scale)}, "labels")
+             "multiscale": len(data) > 1, "metadata": meta, **_cell_transform(slide_scale, scale)}, "labels")
+
+
+def mask_file_layers(mask_path: Path, slide_mpp: tuple[float, float] | None) -> list[LayerData]:
+    """A label mask written by ``xtpath score`` opened on its own: class names from its OME metadata, the
+    slide's mpp from the ``prediction.json`` beside it (else ``slide_mpp``, the slide open in the viewer)."""
+    from xtpath.io.tiffwriter import read_label_names
+
+    names = read_label_names(mask_path)
+    top = max([v for v in names if v != 255], default=0)
+    classes = [names.get(v, f"class {v}") for v in range(top + 1)]
+    rec_path = mask_path.parent / "prediction.json"
+    if rec_path.exists():
+        rec = json.loads(rec_path.read_text())
+        if rec.get("slide_mpp"):
+            slide_mpp = (float(rec["slide_mpp"][0]), float(rec["slide_mpp"][1]))
+    data, kwargs, kind = mask_layer(mask_path, classes, slide_mpp)
+    kwargs["name"] = f"{mask_path.parent.name} segmentation" if rec_path.exists() else mask_path.name.split(".")[0]
+    return [(data, kwargs, kind)]
+
+
+def annotation_layers(path: Path, slide_mpp: tuple[float, float] | None) -> list[LayerData]:
+    """A QuPath GeoJSON (level-0 pixels) as a Shapes layer in microns over the slide (``slide_mpp``; world =
+    pixels when no slide is known), one polygon per exterior ring with its class as the ``class`` feature.
+    Holes are left out (napari shapes have none)."""
+    from xtpath.io.geojson import read_annotations
+
+    mpp = slide_mpp or (1.0, 1.0)
+    polys, classes = [], []
+    for name, rings in read_annotations(path):
+        ring = np.asarray(rings[0], float)
+        if len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
+            ring = ring[:-1]
+        if len(ring) < 3:
+            continue
+        # level-0 continuous (x, y) -> world (y, x) in µm: pixel i's centre (i + 0.5) sits at i * mpp
+        polys.append(np.stack([(ring[:, 1] - 0.5) * mpp[1], (ring[:, 0] - 0.5) * mpp[0]], axis=1))
+        classes.append(name)
+    meta: dict[str, Any] = {"xtpath_annotations": str(path)}
+    if slide_mpp:
+        meta["slide_mpp"] = list(slide_mpp)
+    kwargs: dict[str, Any] = {"name": path.name.split(".")[0], "shape_type": "polygon", "edge_width": 2 * mpp[0],
+                              "face_color": "transparent", "edge_color": "yellow",
+                              "features": {"class": classes}, "metadata": meta}
+    if slide_mpp:
+        kwargs["units"] = ("um", "um")
+    return [(polys, kwargs, "shapes")]
 
 
 def tissue_layer(mask_png: Path, slide: Any) -> LayerData:

@@ -1,4 +1,6 @@
-"""npe2 reader: whole-slide images (any format xtpath reads) and xtpath score folders.
+"""npe2 reader: whole-slide images (any format xtpath reads), xtpath score folders, the label masks that
+``xtpath score`` writes (``mask.ome.tif``, as a Labels layer with class names) and QuPath GeoJSON (as Shapes over
+the slide open in the viewer).
 
 Returns ``None`` for paths it cannot read, so napari can try other readers.
 """
@@ -8,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from napari_xt._layers import LayerData, score_folder_layers, slide_layer
+from napari_xt._layers import (LayerData, annotation_layers, mask_file_layers, score_folder_layers, slide_layer,
+                               viewer_slide_mpps)
 
 
 def _is_score_folder(p: Path) -> bool:
@@ -24,6 +27,23 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
     p = Path(path)
     if _is_score_folder(p):
         return read_score_folder
+    if p.is_file() and p.name.lower().endswith((".geojson", ".json")):
+        try:
+            from xtpath.io.geojson import read_annotations
+
+            if read_annotations(p):
+                return read_geojson
+        except Exception:
+            return None
+        return None
+    if p.is_file() and p.name.lower().endswith((".ome.tif", ".ome.tiff")):
+        try:
+            from xtpath.io.tiffwriter import read_label_names
+
+            if read_label_names(p):
+                return read_label_mask
+        except Exception:
+            return None
     try:
         from xtpath.io import open_slide
 
@@ -43,3 +63,18 @@ def read_slide(path: str | list[str]) -> list[LayerData]:
 def read_score_folder(path: str | list[str]) -> list[LayerData]:
     p = Path(path[0] if isinstance(path, list) else path)
     return score_folder_layers(p)
+
+
+def _one_slide_mpp() -> tuple[float, float] | None:
+    mpps = viewer_slide_mpps()
+    return next(iter(mpps)) if len(mpps) == 1 else None
+
+
+def read_label_mask(path: str | list[str]) -> list[LayerData]:
+    p = Path(path[0] if isinstance(path, list) else path)
+    return mask_file_layers(p, _one_slide_mpp())
+
+
+def read_geojson(path: str | list[str]) -> list[LayerData]:
+    p = Path(path[0] if isinstance(path, list) else path)
+    return annotation_layers(p, _one_slide_mpp())

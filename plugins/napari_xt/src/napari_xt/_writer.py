@@ -11,18 +11,30 @@ from typing import Any
 
 import numpy as np
 
+from napari_xt._layers import viewer_slide_mpps
 from xtpath.io.geojson import box_feature, mask_polygons, polygon_feature
 from xtpath.io.geojson import write_geojson as _write_feature_collection
 from xtpath.score import region_colors
 
 
+def _viewer_slide_mpp() -> tuple[float, float] | None:
+    """The mpp of the xtpath slides open in napari's current viewer when they all share one, else ``None``."""
+    mpps = viewer_slide_mpps()
+    if len(mpps) > 1:
+        raise ValueError("slides with different microns per pixel are open, so a layer drawn over them has no "
+                         "single level-0 pixel size; close the other slides, or set the layer's "
+                         "metadata['slide_mpp'] = [x, y] before saving")
+    return next(iter(mpps)) if mpps else None
+
+
 def _mpp(meta: dict[str, Any]) -> tuple[float, float]:
-    """Microns per level-0 pixel (x, y) of the slide a layer belongs to (1 if unknown: world = pixels)."""
+    """Microns per level-0 pixel (x, y) of the slide a layer belongs to: the layer's own metadata (layers the
+    plugin made), else the slide open in the viewer (layers the user drew), else 1 (world = pixels)."""
     md = meta.get("metadata") or {}
     for key in ("slide_mpp", "mpp"):
         if md.get(key):
             return float(md[key][0]), float(md[key][1])
-    return 1.0, 1.0
+    return _viewer_slide_mpp() or (1.0, 1.0)
 
 
 def _affine(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +73,9 @@ def _labels_features(data: Any, meta: dict[str, Any], name: str) -> list[dict[st
             out.append(box_feature(float(r["x"]), float(r["y"]), size, size, object_type="tile", name=classes[c],
                                    color=colors[c], measurements={f"prob_{n}": p for n, p in zip(classes, probs)}))
         return out
-    arr = np.asarray(data[0] if isinstance(data, list) else data)
+    # level 0 of a multiscale layer (napari's MultiScaleData is a sequence, not a list; asarray of it would
+    # give the coarsest level)
+    arr = np.asarray(data[0] if meta.get("multiscale") or isinstance(data, (list, tuple)) else data)
     mpp = _mpp(meta)
     scale, translate = _affine(meta)
     per_px = (scale[1] / mpp[0], scale[0] / mpp[1])  # level-0 pixels per label pixel (x, y)
