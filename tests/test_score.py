@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -265,6 +266,22 @@ def test_snakemake_workflow_on_three_slides_one_corrupt(runs, tmp_path):
     # a second run has nothing to do
     again = subprocess.run([*snake, "-n"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # the README's recipe to redo slides: --forcerun their step files; the broken one is now readable
+    fixed = tmp_path / f"fixed{Path(good[0].path).suffix}"
+    shutil.copy(good[0].path, fixed)
+    slides.write_text(slides.read_text().replace(str(CORRUPT_SLIDE), str(fixed)))
+    first = json.loads((out / good[1].slide_id / "prediction.json").read_text())
+    redo = subprocess.run([*snake, "--forcerun", f"{out}/steps/broken.extracted",
+                           f"{out}/{good[1].slide_id}/prediction.json"],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    assert redo.returncode == 0, redo.stderr[-4000:]
+    preds = _predictions(out)
+    assert sorted(p["slide_id"] for p in preds) == sorted([x.slide_id for x in good] + ["broken"])
+    with open(out / "failures.csv") as f:
+        assert list(csv.DictReader(f)) == []
+    second = json.loads((out / good[1].slide_id / "prediction.json").read_text())
+    assert second["probs"] == pytest.approx(first["probs"]) and second["seconds"] != first["seconds"]
+    assert json.loads((out / "report" / "report.json").read_text())["n_scored"] == 3
 
 
 def test_a_model_refuses_caches_made_at_another_resolution(runs, tmp_path):
@@ -292,7 +309,6 @@ def test_an_output_folder_holds_the_scores_of_one_model(runs, tmp_path):
 
 
 def test_a_moved_run_scores_with_its_weights_given_again(runs, tmp_path):
-    import shutil
 
     from safetensors.torch import save_file
 

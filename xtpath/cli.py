@@ -496,11 +496,14 @@ def score(
                                                          "recorded does not exist here (a run moved to another "
                                                          "machine); it must be the same file.")] = None,
     only: OnlyOpt = None,
+    rescore: Annotated[bool, typer.Option("--rescore", help="Score the slides again even if predictions.csv "
+                                                            "has them (their rows and outputs are replaced); "
+                                                            "with --only, just those.")] = False,
 ) -> None:
     """Score slides with a trained model: predictions, heatmaps, region scores, QuPath GeoJSON, masks.
 
     Extracts features that are not cached yet with the model's own encoder settings; a rerun scores only the
-    slides missing from predictions.csv. Exit status 0 when every slide is scored, 3 when some failed (listed
+    slides missing from predictions.csv (--rescore: all selected slides again). Exit status 0 when every slide is scored, 3 when some failed (listed
     in OUT/failures.csv), 1 on errors.
     """
     from xtpath.io import read_slides_csv
@@ -512,7 +515,7 @@ def score(
     n = len([r for i, r in enumerate(rows) if i % sh[1] == sh[0]])
     with _ScoreProgress(n) as prog:
         summary = score_slides(rows, model, out, cache_dir=cache, devices=devs, shard=sh, batch_size=batch_size,
-                               progress=prog, weights=weights)
+                               progress=prog, weights=weights, rescore=rescore)
     typer.echo(f"{len(summary.scored)} scored, {len(summary.skipped)} already scored, {len(summary.failed)} "
                f"failed -> {out / 'predictions.csv'}")
     if summary.failed:

@@ -193,6 +193,18 @@ def scored_ids(out: Path, classes: Sequence[str]) -> set[str]:
         return {ln.split(",")[0] for ln in good}
 
 
+def _drop_predictions(out: Path, classes: Sequence[str], ids: set[str]) -> None:
+    """Remove the rows of ``ids`` from ``predictions.csv`` (to score them again)."""
+    path = out / PREDICTIONS_CSV
+    if not ids or not (scored_ids(out, classes) & ids):
+        return
+    with _locked(out):
+        lines = path.read_text().splitlines()
+        keep = [lines[0]] + [ln for ln in lines[1:] if ln.split(",")[0] not in ids]
+        with atomic_path(path) as tmp:
+            tmp.write_text("\n".join(keep) + "\n")
+
+
 def _append_prediction(out: Path, classes: Sequence[str], rec: dict[str, Any]) -> None:
     path = out / PREDICTIONS_CSV
     line = ",".join([rec["slide_id"], rec["predicted"], *[f"{rec['probs'][c]:.6f}" for c in classes],
@@ -455,7 +467,8 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
 
 def _write_failed_record(out: Path, row: SlideRow, error: str, msg: str) -> None:
     write_json(out / row.slide_id / "prediction.json", {"slide_id": row.slide_id, "status": "failed",
-                                                        "error": error, "message": msg})
+                                                        "error": error, "message": msg,
+                                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 def _record_score_failure(out: Path, row: SlideRow, msg: str, error: str) -> None:
@@ -479,8 +492,11 @@ def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_
                  cache_dir: str | os.PathLike[str] | None = None, devices: Sequence[str] = ("cpu",),
                  shard: tuple[int, int] = (0, 1), batch_size: int | None = None,
                  progress: Callable[[str, dict[str, Any]], None] | None = None,
-                 weights: str | os.PathLike[str] | None = None) -> ScoreSummary:
+                 weights: str | os.PathLike[str] | None = None, rescore: bool = False) -> ScoreSummary:
     """Extract what is not cached yet (with the run's encoder settings), then score each slide.
+
+    Slides already in ``predictions.csv`` are skipped, unless ``rescore``: their rows are dropped and they are
+    scored again (their outputs are replaced).
 
     Several devices: one worker process per device, slides divided among them. ``shard=(I, N)`` keeps rows
     ``I, I+N, ...`` (for array jobs). ``OUT_DIR/score.json`` names the model; an ``OUT_DIR`` holding another
@@ -495,6 +511,8 @@ def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_
     _check_cache_dir(sm, rows, cache)  # before OUT_DIR is made: a refused run leaves nothing behind
     out.mkdir(parents=True, exist_ok=True)
     _claim_out_dir(sm, out)
+    if rescore:
+        _drop_predictions(out, sm.classes, {r.slide_id for r in rows})
     if len(devices) <= 1:
         summary = _score_rows(sm, rows, cache, out, devices[0] if devices else "cpu", progress, batch_size)
     else:
@@ -585,7 +603,7 @@ def gather_predictions(out_dir: str | os.PathLike[str], rows: Sequence[SlideRow]
             w.writerow(["slide_id", "path", "error", "message", "time"])
             for x in bad:
                 w.writerow([x["slide_id"], str(by_id[x["slide_id"]].path), x.get("error", ""), x.get("message", ""),
-                            ""])
+                            x.get("time", "")])
     return len(ok), len(bad)
 
 
