@@ -142,3 +142,28 @@ def test_region_targets_from_qupath_geojson(tmp_path):
     assert one[grid.tolist().index([1, 1]), 0, 0] == 2 and one[0, 0, 0] == 0
     with pytest.raises(ManifestError, match="'Tumor' is not one of"):
         region_targets(row, sf, ["background", "Stroma"], 1)
+
+
+def test_region_targets_from_a_label_image(tmp_path):
+    """A label PNG at a quarter of the slide's size gives the same cells as the GeoJSON test's picture."""
+    from PIL import Image
+
+    lab = np.zeros((100, 100), np.uint8)  # slide 400 x 400 level-0 px, 4 px per label pixel
+    lab[25:75, 25:75] = 2  # tumour at level-0 100..300
+    lab[37:63, 37:63] = 1  # stroma at ~150..250
+    mask = tmp_path / "s_labels.png"
+    Image.fromarray(lab).save(mask)
+    row = SlideRow(slide_id="s", path=Path("/x/s.svs"), mask=mask, line=2)
+    grid = np.array([[r, c] for r in range(4) for c in range(4)])
+    sf = SlideFeatures(features=np.zeros((16, 1)), coords=grid[:, ::-1] * 100, grid=grid, tissue=None,
+                       settings={"region_size_level0": [100.0, 100.0]}, source="xtpath")
+    t = region_targets(row, sf, ["background", "Stroma", "Tumor"], 2, slide_dimensions=(400, 400))
+    picture = np.zeros((8, 8), int)
+    for (r, c), cells in zip(grid, t):
+        picture[2 * r:2 * r + 2, 2 * c:2 * c + 2] = cells
+    want = np.zeros((8, 8), int)
+    want[2:6, 2:6] = 2
+    want[3:5, 3:5] = 1
+    assert np.array_equal(picture, want)
+    with pytest.raises(ManifestError, match=r"label 2 but only 2 classes \(background, Stroma\); list every class"):
+        region_targets(row, sf, ["background", "Stroma"], 2, slide_dimensions=(400, 400))

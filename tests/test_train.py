@@ -241,6 +241,25 @@ def test_segmentation_on_demo_masks(demo, tmp_path):
     assert (tmp_path / "seg" / "segmentation.png").exists()
 
 
+def test_label_image_masks_need_the_class_names(demo, tmp_path):
+    from PIL import Image
+
+    root, csv_path = demo
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "labels.png")
+    rows[1]["mask"] = str(tmp_path / "labels.png")
+    edited = Path(csv_path).parent / "label_image_masks.csv"  # beside the slides: their paths are relative
+    with open(edited, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cfg = _cfg(task="segmentation", cache=str(root / "cache"), epochs=1)
+    with pytest.raises(InvalidParameterError, match=r"label_image_masks.csv:3: mask labels.png is a label image.*classes: "):
+        train(edited, tmp_path / "run", cfg, show_progress=False, log=lambda m: None)
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
 def test_k_fold_cross_validation(tmp_path):
     csv_path = write_arrangement_dataset(tmp_path, 12, seed=4)
     rep = train(csv_path, tmp_path / "cv", _cfg(cache=str(tmp_path / "cache"), epochs=1, folds=3, context="mean"),

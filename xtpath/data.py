@@ -325,7 +325,8 @@ def region_targets(row: SlideRow, sf: SlideFeatures, class_names: Sequence[str],
         canvas = lab[yi][:, xi].astype(np.int64)
         if canvas.max(initial=0) >= len(class_names):
             raise ManifestError(f"{row.mask}: label {int(canvas.max())} but only {len(class_names)} classes "
-                                f"({', '.join(class_names)})")
+                                f"({', '.join(class_names)}); list every class in label order under classes: "
+                                "in the --config YAML")
     if slide_dimensions is not None:
         ys = (np.arange(H) + 0.5) * cell + oy
         xs = (np.arange(W) + 0.5) * cell + ox

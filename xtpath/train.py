@@ -264,6 +264,12 @@ class _Prepared:
 
 def _class_map(rows: Sequence[SlideRow], cfg: TrainConfig) -> tuple[list[str], list[int] | None]:
     if cfg.task == "segmentation":
+        images = [r for r in rows if r.mask is not None and r.mask.suffix.lower() not in (".geojson", ".json")]
+        if images and not cfg.classes:
+            raise InvalidParameterError(
+                f"{images[0].where}: mask {images[0].mask.name} is a label image, whose values have no names; "
+                "list the classes in the --config YAML in label order, e.g. classes: [background, tumour, "
+                "stroma] (value 0 is background)")
         classes = list(cfg.classes) or class_names_from_masks(rows)
         return classes, None
     found = sorted({r.label for r in rows if r.label is not None})
@@ -772,6 +778,7 @@ def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     dist = _Dist(device)
+    created = dist.main and not run.exists()
     try:
         if dist.main:
             run.mkdir(parents=True, exist_ok=True)
@@ -799,8 +806,23 @@ def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg
         if dist.main and len(results) > 1:
             write_json(run / "report.json", jsonable(report))
         return report
+    except BaseException:
+        if created:
+            _remove_unstarted_run(run)
+        raise
     finally:
         dist.close()
+
+
+def _remove_unstarted_run(run: Path) -> None:
+    """After a failure before any checkpoint: remove what this call wrote into the new ``run`` folder (the
+    settings files, the folder if then empty), so that nothing looks like a run. Caches built there stay."""
+    if any(run.glob("**/last")):
+        return
+    for name in ("config.yaml", "classes.json", "splits.csv"):
+        (run / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        run.rmdir()
 
 
 def _write_splits(path: Path, prep: _Prepared) -> None:
