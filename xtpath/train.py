@@ -336,6 +336,9 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             missing = [r for r, f in zip(rows, files) if not f.exists()]
             if missing:
                 progress(f"building {len(missing)} missing feature caches in {cache}")
+                if not ecfg.weights:
+                    progress(f"warning: no --weights: {ecfg.encoder} is randomly initialised; its features mean "
+                             "nothing outside tests and demos")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     summary = extract_slides(missing, cache, ecfg)
