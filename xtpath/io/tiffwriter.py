@@ -20,27 +20,21 @@ __all__ = ["write_pyramid_tiff", "downsample2", "downsample_labels2", "label_nam
 LABEL_NAMESPACE = "xtpath/label-names"
 
 
-def _pad_even(img: np.ndarray) -> np.ndarray:
-    """``img`` with its last row/column repeated where its height/width is odd."""
-    ph, pw = img.shape[0] % 2, img.shape[1] % 2
-    if not (ph or pw):
-        return img
-    return np.pad(img, ((0, ph), (0, pw)) + ((0, 0),) * (img.ndim - 2), mode="edge")
-
-
 def downsample2(img: np.ndarray) -> np.ndarray:
-    """2x2 box average of an ``(H, W[, C])`` uint8 image to ``(ceil(H/2), ceil(W/2)[, C])`` (rounded; an odd
-    last row/column is averaged with itself), so that every level is exactly half the one above."""
-    a = _pad_even(img).astype(np.uint16)
+    """2x2 box average of an ``(H, W[, C])`` uint8 image to ``(H//2, W//2[, C])`` (rounded; an odd last
+    row/column is dropped, as slide scanners do, so that level k holds level 0 shrunk by exactly 2**k)."""
+    h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
+    a = img[:h, :w].astype(np.uint16)
     s = a[0::2, 0::2] + a[1::2, 0::2] + a[0::2, 1::2] + a[1::2, 1::2]
     return ((s + 2) // 4).astype(np.uint8)
 
 
 def downsample_labels2(labels: np.ndarray) -> np.ndarray:
-    """2x2 majority of an ``(H, W)`` label image to ``(ceil(H/2), ceil(W/2))``: every value is one of its four
-    pixels' (averaging class indices would invent classes); ties go to the first of top-left, bottom-left,
-    top-right, bottom-right."""
-    a = _pad_even(labels)
+    """2x2 majority of an ``(H, W)`` label image to ``(H//2, W//2)`` (odd edge dropped, as
+    :func:`downsample2`): every value is one of its four pixels' (averaging class indices would invent
+    classes); ties go to the first of top-left, bottom-left, top-right, bottom-right."""
+    h, w = (labels.shape[0] // 2) * 2, (labels.shape[1] // 2) * 2
+    a = labels[:h, :w]
     cand = np.stack([a[0::2, 0::2], a[1::2, 0::2], a[0::2, 1::2], a[1::2, 1::2]])  # (4, h, w)
     votes = (cand[:, None] == cand[None, :]).sum(1)  # (4, h, w): how many of the four equal each one
     return np.take_along_axis(cand, votes.argmax(0)[None], 0)[0]
