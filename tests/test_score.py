@@ -343,3 +343,28 @@ def test_extract_like_a_run_refuses_settings_of_its_own(runs, tmp_path):
     r = _xtpath("extract", csv_path, "--like", root / "cls", "--encoder", "resnet18", "--out", tmp_path / "c")
     assert r.returncode == 1 and "takes the encoder and region settings from the run; drop --encoder" in r.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_a_cache_of_another_slide_or_a_broken_one_fails_only_its_slide(runs, tmp_path):
+    root, csv_path = runs
+    rows = read_slides_csv(csv_path)[:3]
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    for r in rows:
+        shutil.copy(root / "traincache" / f"{r.slide_id}.h5", cache)
+    # the first slide_id's cache was made from the second slide's file (same size: only the bytes tell); the
+    # third's is damaged
+    shutil.copy(cache / f"{rows[1].slide_id}.h5", cache / f"{rows[0].slide_id}.h5")
+    with open(cache / f"{rows[2].slide_id}.h5", "r+b") as f:
+        f.truncate(3000)
+    s = score_slides(rows, root / "cls", tmp_path / "out", cache_dir=cache)
+    assert s.scored == [rows[1].slide_id]
+    assert "made from another file" in s.failed[rows[0].slide_id]
+    assert "not a readable HDF5 file" in s.failed[rows[2].slide_id]
+    assert not (tmp_path / "out" / rows[0].slide_id / "heatmap.png").exists()
+    # extract names both problems at once, before any work
+    with pytest.raises(CacheError) as e:
+        extract_slides(rows, cache, ExtractConfig(**ENC, num_workers=0))
+    lines = str(e.value).splitlines()
+    assert any(rows[0].slide_id in ln and "made from another file" in ln for ln in lines)
+    assert any(rows[2].slide_id in ln and "not a readable HDF5 file" in ln for ln in lines)

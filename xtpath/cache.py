@@ -40,7 +40,7 @@ from xtpath.tiling import RegionGrid
 __all__ = [
     "COORDS", "GRID", "TISSUE", "FEATURES", "SCHEMA_VERSION", "KEY_FIELDS",
     "write_coords", "coords_attrs", "CacheWriter", "SlideFeatures", "load_features", "read_settings",
-    "settings_differences", "same_setting", "derive_grid", "cache_path",
+    "settings_differences", "same_setting", "other_slide", "derive_grid", "cache_path",
 ]
 
 COORDS = "coords"
@@ -257,7 +257,7 @@ def read_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
                 return None
             return {k: _attr(v) for k, v in f.attrs.items()}
     except OSError as e:
-        raise CacheError(f"{path}: not a readable HDF5 file ({e}); delete it or rerun with --overwrite") from e
+        raise CacheError(f"{path}: not a readable HDF5 file ({e}); delete it, and the rerun makes it again") from e
 
 
 def same_setting(a: Any, b: Any) -> bool:
@@ -267,6 +267,21 @@ def same_setting(a: Any, b: Any) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return a is not None and b is not None and abs(float(a) - float(b)) < 1e-9 * max(1.0, abs(float(b)))
     return bool(a == b)
+
+
+def other_slide(stored: dict[str, Any], dimensions: tuple[int, int], fingerprint: str | None = None) -> str | None:
+    """Why a cache was made from another slide than this one (level-0 ``dimensions`` ``(w, h)``, and
+    :func:`xtpath.io.files.file_fingerprint`), or ``None``: a slide_id reused for another file must not get the
+    first file's features. Caches that recorded neither (other tools') pass."""
+    made = stored.get("slide_dimensions")
+    where = stored.get("slide_path", "unknown path")
+    if made is not None and not same_setting(list(made), list(dimensions)):
+        return (f"made from a slide of {int(made[0])} x {int(made[1])} px ({where}), not this one of "
+                f"{dimensions[0]} x {dimensions[1]} px")
+    known = stored.get("slide_fingerprint")
+    if known and fingerprint and known != fingerprint:
+        return f"made from another file ({where}) than this one (other size or content)"
+    return None
 
 
 def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

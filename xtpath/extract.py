@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from xtpath.cache import CacheWriter, cache_path, read_settings, settings_differences
+from xtpath.cache import CacheWriter, cache_path, other_slide, read_settings, settings_differences
 from xtpath.errors import CacheError, InvalidParameterError, XtpathError
 from xtpath.io import SlideRow, open_slide
-from xtpath.io.files import atomic_path
+from xtpath.io.files import atomic_path, file_fingerprint
 from xtpath.tiling import RegionGrid, check_resolution, make_region_grid
 from xtpath.tissue import TissueParams, detect_tissue, tissue_params
 
@@ -307,7 +307,8 @@ def _encode_planned(row: SlideRow, slide: Any, regions: RegionGrid, encoder: Any
                         worker_init_fn=_reader_init if num_workers else None)
     dtype = cfg.dtype or ("float16" if cfg.features == "tokens" else "float32")
     progress("slide_start", {"slide_id": row.slide_id, "regions": len(regions)})
-    extra = {"slide_id": row.slide_id, "slide_path": str(row.path), "read_mpp": regions.read_mpp,
+    extra = {"slide_id": row.slide_id, "slide_path": str(row.path), "slide_fingerprint": file_fingerprint(row.path),
+             "read_mpp": regions.read_mpp,
              "subregions_per_side": k, "token_grid": list(encoder.token_grid) if encoder.token_grid else None,
              "order": regions.order}
     with CacheWriter(cache_path(cache_dir, row.slide_id), regions, feature_shape=encoder.feature_shape(k),
@@ -390,14 +391,23 @@ def preflight(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: Path, enc
         path = cache_path(cache_dir, row.slide_id)
         if not path.exists():
             continue
-        stored = read_settings(path)
+        try:
+            stored = read_settings(path)
+        except CacheError as e:
+            problems.append(str(e))
+            continue
         if stored is None:
             problems.append(f"{path}: not an xtpath cache (no settings)")
             continue
         try:
-            mpp = open_slide(row.path, mpp=row.mpp).require_mpp()
+            with open_slide(row.path, mpp=row.mpp) as slide:
+                mpp, dims = slide.require_mpp(), slide.dimensions
         except XtpathError:
             continue  # the slide itself is the problem; it will be reported as a failure
+        other = other_slide(stored, dims, file_fingerprint(row.path))
+        if other:
+            problems.append(f"{path}: {other} ({row.where}: {row.path})")
+            continue
         diffs = settings_differences(stored, wanted_settings(cfg, enc, mpp))
         if diffs:
             problems.append(f"{path}: made with other settings ({'; '.join(diffs)})")

@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from xtpath.cache import cache_path, load_features, read_settings, same_setting
+from xtpath.cache import cache_path, load_features, other_slide, read_settings, same_setting
 from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, XtpathError
 from xtpath.extract import ExtractConfig, clear_failure, record_failure, run_device_workers
 from xtpath.io import SlideRow, open_slide
-from xtpath.io.files import atomic_path, write_json
+from xtpath.io.files import atomic_path, file_fingerprint, write_json
 
 __all__ = ["ScoreModel", "load_run", "score_slides", "parse_shard", "shard_rows", "PREDICTIONS_CSV",
            "ScoreSummary", "region_colors", "gather_predictions", "read_predictions"]
@@ -401,6 +401,10 @@ def _score_outputs(sm: ScoreModel, row: SlideRow, sf: Any, cache_file: Path, pre
     # cell of each region on the slide's own grid (foreign caches number cells from their first region)
     cells = np.rint(np.asarray(sf.coords, np.float64)[:, ::-1] / size).astype(np.int64)
     with open_slide(row.path, mpp=row.mpp) as slide:  # closed now, not when the collector gets to it
+        other = other_slide(sf.settings or {}, slide.dimensions, file_fingerprint(row.path))
+        if other:
+            raise CacheError(f"{cache_file}: {other}: slide_id {row.slide_id!r} was used for another file; "
+                             "delete this cache file (it is made again) or use another --cache")
         label_mask, mask_scale = None, 1.0
         if "masks" in pred:
             label_mask, mask_scale = _label_mask(sm, pred["masks"], cells, slide.dimensions, size)
@@ -559,7 +563,10 @@ def _check_cache_dir(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path) -> N
         f = cache_path(cache, r.slide_id)
         if not f.exists():
             continue
-        s = read_settings(f)
+        try:
+            s = read_settings(f)
+        except CacheError:
+            continue  # an unreadable file fails its own slide (recorded), not the batch
         if not s:
             continue
         k = _mismatch(s, key)

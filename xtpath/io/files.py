@@ -7,6 +7,7 @@ start with ``.`` and end with ``.tmp`` so that they are easy to recognise and cl
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "publish", "write_json", "write_text"]
+__all__ = ["atomic_path", "publish", "write_json", "write_text", "file_fingerprint"]
 
 
 def _umask() -> int:
@@ -61,3 +62,17 @@ def write_text(path: str | os.PathLike[str], text: str) -> None:
 def write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically."""
     write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def file_fingerprint(path: str | os.PathLike[str], head: int = 1 << 20) -> str:
+    """A cheap identity of a slide's bytes, which survives moving or copying the file: its size and the
+    SHA-256 of its first ``head`` bytes (for a folder, e.g. DICOM: its files' names and sizes)."""
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_dir():
+        for f in sorted(q for q in p.iterdir() if q.is_file()):
+            h.update(f"{f.name}:{f.stat().st_size};".encode())
+        return f"dir:{h.hexdigest()[:32]}"
+    with open(p, "rb") as f:
+        h.update(f.read(head))
+    return f"{p.stat().st_size}:{h.hexdigest()[:32]}"

@@ -31,15 +31,11 @@ FORMAT_VERSION = 1
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``write(tmp)`` to a temporary name beside ``path``, then move it into place with the usual permissions."""
+    from xtpath.io.files import atomic_path
+
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def save_model(model: XTModel, folder: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
