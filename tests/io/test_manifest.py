@@ -83,3 +83,12 @@ def test_semicolon_and_tab_separated(tmp_path):
     assert read_slides_csv(p)[0].slide_id == "A"
     p = _write(tmp_path, f"slide_id\tpath\nA\t{DATA / 'CMU-1-Small-Region.svs'}\n", "t.tsv")
     assert read_slides_csv(p)[0].slide_id == "A"
+
+
+def test_a_csv_that_is_not_utf8_text_is_one_line(tmp_path):
+    latin = tmp_path / "latin1.csv"
+    latin.write_bytes(b"slide_id,path,note\nA," + str(DATA / "CMU-1-Small-Region.svs").encode() + b",caf\xe9\n")
+    with pytest.raises(ManifestError, match=r"^latin1.csv:2: not UTF-8 text \(byte 0xe9\); save it as CSV UTF-8"):
+        read_slides_csv(latin)
+    with pytest.raises(ManifestError, match=r"^CMU-1-Small-Region.svs: a binary file \(a slide, an Excel"):
+        read_slides_csv(DATA / "CMU-1-Small-Region.svs")

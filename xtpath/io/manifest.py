@@ -10,6 +10,7 @@ one per line, as ``slides.csv:LINE: what is wrong``.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -107,7 +108,19 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
     base = p.resolve().parent
     problems: list[str] = []
     rows: list[SlideRow] = []
-    with open(p, newline="", encoding="utf-8-sig") as f:
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+        if "\x00" in text:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\x00"), raw.index(b"\x00") + 1, "NUL byte")
+    except UnicodeDecodeError as e:
+        if raw[:2] == b"PK" or b"\x00" in raw[:4096]:
+            raise ManifestError(f"{name}: a binary file (a slide, an Excel workbook?), not a CSV; give a slides CSV "
+                                "(slide_id,path,...), from Excel saved as CSV UTF-8") from None
+        line = raw[:e.start].count(b"\n") + 1
+        raise ManifestError(f"{name}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save it as CSV UTF-8 "
+                            "(Excel: Save As > CSV UTF-8)") from None
+    with io.StringIO(text, newline="") as f:
         sample = f.read(4096)
         f.seek(0)
         try:
