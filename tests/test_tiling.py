@@ -130,3 +130,17 @@ def test_bad_parameters_are_named(kwargs, name):
     args.update(kwargs)
     with pytest.raises(InvalidParameterError, match=name):
         make_region_grid(**args)
+
+
+def test_check_resolution_catches_a_wrong_mpp():
+    from xtpath.tiling import check_resolution
+
+    check_resolution("s.svs", (0.25, 0.25), 0.5, 256, (20000, 15000))  # an ordinary slide
+    with pytest.raises(InvalidParameterError, match=r"s.svs: level 0 is 4 µm/px, 8x coarser than --target-mpp"):
+        check_resolution("s.svs", (4.0, 4.0), 0.5, 256, (20000, 15000))
+    # mpp given in millimetres: 20000 px x 0.00025 µm = 5 µm, less than one 128 µm region
+    with pytest.raises(InvalidParameterError, match=r"s.svs: the whole slide is 5 x 3.75 µm .* smaller than one "
+                                                    r"region \(128 µm\)"):
+        check_resolution("s.svs", (0.00025, 0.00025), 0.5, 256, (20000, 15000))
+    with pytest.raises(InvalidParameterError, match="target_mpp=0 must be a positive number"):
+        check_resolution("s.svs", (0.25, 0.25), 0, 256)

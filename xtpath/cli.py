@@ -188,7 +188,7 @@ def tile(
         raise InvalidParameterError(f"--out {out}: use a .h5 or .csv file name")
     with open_slide(slide, backend=backend.value, mpp=mpp) as s:
         smpp = s.require_mpp()
-        check_resolution(slide, smpp, target_mpp, region_px)
+        check_resolution(slide, smpp, target_mpp, region_px, s.dimensions)
         tm = None
         if not no_tissue:
             with warnings.catch_warnings(record=True) as caught:

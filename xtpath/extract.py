@@ -254,7 +254,7 @@ def plan_slide(row: SlideRow, cfg: ExtractConfig, encoder_px: int) -> tuple[Any,
     """Open a slide, find its tissue and cut its region grid (raises :class:`XtpathError` subclasses)."""
     slide = open_slide(row.path, mpp=row.mpp)
     try:
-        check_resolution(row.path, slide.require_mpp(), cfg.target_mpp, cfg.region_px)
+        check_resolution(row.path, slide.require_mpp(), cfg.target_mpp, cfg.region_px, slide.dimensions)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "no tissue" is reported below as a failure
             tm = detect_tissue(slide, cfg.tissue(), keep_image=False)

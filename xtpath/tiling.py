@@ -136,9 +136,21 @@ up: the sign of a wrong mpp (millimetres for microns) or of a thumbnail-only fil
 
 
 def check_resolution(where: object, slide_mpp: float | tuple[float, float], target_mpp: float,
-                     region_px: int) -> None:
-    """Raise when ``target_mpp`` is more than :data:`MAX_UPSAMPLE` times finer than the slide's level 0."""
-    coarsest = max(slide_mpp) if isinstance(slide_mpp, tuple) else float(slide_mpp)
+                     region_px: int, slide_dimensions: tuple[int, int] | None = None) -> None:
+    """Raise when ``target_mpp`` is more than :data:`MAX_UPSAMPLE` times finer than the slide's level 0, or
+    when the whole slide is smaller than one region (both signs of a wrong mpp)."""
+    _check_positive("target_mpp", target_mpp)
+    _check_positive("region_px", region_px)
+    mx, my = slide_mpp if isinstance(slide_mpp, tuple) else (float(slide_mpp), float(slide_mpp))
+    if slide_dimensions is not None:
+        w_um, h_um = slide_dimensions[0] * mx, slide_dimensions[1] * my
+        region_um = target_mpp * region_px
+        if max(w_um, h_um) < region_um:
+            raise InvalidParameterError(
+                f"{where}: the whole slide is {w_um:.4g} x {h_um:.4g} µm at {mx:.4g} µm/px, smaller than one region "
+                f"({region_um:.4g} µm); check the slide's mpp (microns per pixel, not millimetres) or use a "
+                "finer --target-mpp or smaller --region-px")
+    coarsest = max(mx, my)
     factor = coarsest / float(target_mpp)
     if factor > MAX_UPSAMPLE:
         raise InvalidParameterError(
