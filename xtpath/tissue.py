@@ -225,9 +225,10 @@ def detect_tissue(slide: Slide, params: TissueParams | None = None, *, preset: s
     if not p.mask_mpp > 0:
         raise InvalidParameterError(f"mask_mpp={p.mask_mpp} must be positive (microns per mask pixel)")
     smx, smy = slide.require_mpp()
-    mask_mpp = max(p.mask_mpp, smx, smy)  # never finer than the slide itself
-    dx, dy = mask_mpp / smx, mask_mpp / smy
     W0, H0 = slide.dimensions
+    # never finer than the slide itself, nor so coarse that the mask has fewer than 16 px on its short side
+    mask_mpp = max(min(p.mask_mpp, min(W0 * smx, H0 * smy) / 16), smx, smy)
+    dx, dy = mask_mpp / smx, mask_mpp / smy
     w, h = max(1, int(math.ceil(W0 / dx))), max(1, int(math.ceil(H0 / dy)))
     img = slide.read_region((0, 0), (w, h), downsample=(dx, dy))
     mpp_xy = (dx * smx, dy * smy)
