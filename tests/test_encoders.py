@@ -97,6 +97,12 @@ def test_wrong_or_unsafe_weights_are_refused(tmp_path):
         RegionEncoder("test_convnext", weights=bad, input_px=64)
     with pytest.raises(CheckpointError, match="weights file not found"):
         RegionEncoder("test_convnext", weights=tmp_path / "nope.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty.pth: the weights file is empty"):
+        RegionEncoder("test_convnext", weights=tmp_path / "empty.pth", input_px=64)
+    (tmp_path / "junk.pth").write_bytes(b"\x80")  # a pickle cut short: an error without a message
+    with pytest.raises(CheckpointError, match="junk.pth: cannot read weights"):
+        RegionEncoder("test_convnext", weights=tmp_path / "junk.pth", input_px=64)
 
 
 def test_unknown_encoder_lists_choices():

@@ -162,6 +162,9 @@ def _layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 def weights_path(path: str | os.PathLike[str]) -> Path:
     """A ``--weights`` file as an absolute path, checked before any work starts (runs record where it is)."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise InvalidParameterError(f"--weights {path}: a folder, not a file; give the weights file inside it "
+                                    "(.safetensors or a PyTorch state dict)")
     if not p.is_file():
         raise InvalidParameterError(f"--weights {path}: no such file; give the region encoder's weights "
                                     "(safetensors or a PyTorch state dict)")
@@ -171,8 +174,13 @@ def weights_path(path: str | os.PathLike[str]) -> Path:
 def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A state dict from safetensors or a PyTorch file (``weights_only=True``: no pickled code runs)."""
     p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{p}: a folder, not a weights file; give --weights the .safetensors/.pth/.bin file "
+                              "inside it")
     if not p.is_file():
         raise CheckpointError(f"{p}: weights file not found; give --weights a local .safetensors/.pth/.bin file")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"{p}: the weights file is empty (an interrupted download or copy?); get it again")
     try:
         if p.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -181,7 +189,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{p}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0]}); "
+        first = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"{p}: cannot read weights ({type(e).__name__}: {first}); "
                               "use safetensors or a plain state dict saved with torch.save") from e
     for key in ("state_dict", "model", "teacher", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
@@ -283,8 +292,15 @@ class RegionEncoder(nn.Module):
                           "learned meaning; fine for tests and the demo only", UserWarning, stacklevel=2)
         self.model = model.eval()
         self._token_mode = "features"
-        with torch.no_grad():
-            probe = self._encode(torch.zeros(1, 3, self.input_px, self.input_px))
+        try:
+            with torch.no_grad():
+                probe = self._encode(torch.zeros(1, 3, self.input_px, self.input_px))
+        except (RuntimeError, ValueError, AssertionError) as e:
+            first = (str(e).splitlines() or [""])[0]
+            raise InvalidParameterError(
+                f"--encoder-px {self.input_px}: encoder {name!r} cannot take {self.input_px}-px inputs "
+                f"({type(e).__name__}: {first[:160]}); use a larger --encoder-px (its default is "
+                f"{int(cfg['input_size'][-1])})") from e
         if features == "tokens":
             self.out_dim = int(probe.shape[-1])
             self.token_grid: tuple[int, int] | None = (int(probe.shape[1]), int(probe.shape[2]))
