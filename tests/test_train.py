@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -333,14 +334,28 @@ def test_caches_must_agree_with_each_other_and_with_the_options(demo, tmp_path):
 
 def test_bad_options_stop_before_a_run_folder_is_made(demo, tmp_path):
     root, csv_path = demo
-    for kw, msg in [({"lr": -1.0}, "lr=-1.0 must be positive"), ({"target_mpp": 0}, "target_mpp=0 must be positive"),
+    for kw, msg in [({"lr": -1.0}, "lr=-1.0 must be a positive number"),
+                    ({"target_mpp": 0}, "target_mpp=0 must be a positive number"),
                     ({"folds": 2}, "needs at least 3 folds"), ({"val_fraction": 1.0}, "below 1"),
-                    ({"weights": str(tmp_path / "nope.safetensors")}, "nope.safetensors: no such file")]:
+                    ({"weights": str(tmp_path / "nope.safetensors")}, "nope.safetensors: no such file"),
+                    ({"context_options": {"d_model": 32, "n_layer": 1}},
+                     "context_options: unknown option.s. n_layer; valid: .*n_layers")]:
         with pytest.raises(InvalidParameterError, match=msg):
             _cfg(**kw)
     r = _run_cli("train", csv_path, "--out", tmp_path / "run", "--cache", root / "cache", "--lr", "-1")
-    assert r.returncode == 1 and r.stderr.strip() == "error: lr=-1.0 must be positive (e.g. --lr 2e-4, " \
-        "--target-mpp 0.5, --region-px 256)"
+    assert r.returncode == 1 and r.stderr.strip() == "error: lr=-1.0 must be a positive number (e.g. --lr 2e-4)"
+    # YAML values of the wrong type, and a device torch does not know, are one line each
+    for text, msg in [("epochs: three\n", r"epochs: .three. is not a whole number \(e.g. epochs: "),
+                      ("epochs: 2.5\n", "epochs: 2.5 is not a whole number"),
+                      ("lr: fast\n", "lr: .fast. is not a number"),
+                      ("balanced_sampling: 3\n", "balanced_sampling: 3 is not true or false")]:
+        (tmp_path / "c.yaml").write_text(text)
+        r = _run_cli("train", csv_path, "--out", tmp_path / "run", "--cache", root / "cache", "--config",
+                     tmp_path / "c.yaml")
+        assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert re.search(msg, r.stderr), r.stderr
+    r = _run_cli("train", csv_path, "--out", tmp_path / "run", "--cache", root / "cache", "--device", "tpu")
+    assert r.returncode == 1 and r.stderr.strip() == "error: --device tpu: use auto, cpu, cuda or cuda:N"
     assert not (tmp_path / "run").exists()
 
 

@@ -172,8 +172,8 @@ def check_folds(folds: int) -> None:
     """``folds`` is 0 (one split) or at least 3 (fold ``k`` tests on one part, validates on the next)."""
     if folds in (1, 2) or folds < 0:
         raise InvalidParameterError(f"--folds {folds}: K-fold cross-validation needs at least 3 folds (each fold "
-                                    "tests on one part, validates on the next and trains on the rest); 0 gives "
-                                    "one split")
+                                    "tests on one part, validates on the next and trains on the rest), or "
+                                    "--folds 0 for a single train/val/test split")
 
 
 def make_splits(rows: Sequence[SlideRow], labels: Sequence[int] | None, *, folds: int = 0,

@@ -161,8 +161,21 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
     if unknown:
         raise InvalidParameterError(f"--config {path}: unknown option(s) {', '.join(unknown)}; valid: "
                                     f"{', '.join(sorted(names))}")
+    defaults = TrainConfig()
+    for k in list(data):
+        data[k] = _config_value(path, k, data[k], getattr(defaults, k))
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**data)
+    if not isinstance(cfg.context_options, dict):
+        raise InvalidParameterError(f"context_options={cfg.context_options!r}: expected a mapping, e.g. "
+                                    "{d_model: 256, n_layers: 4}")
+    from xtpath.models.config import ContextConfig
+
+    ctx_names = {f.name for f in fields(ContextConfig)} - {"name"}
+    bad = sorted(set(cfg.context_options) - ctx_names)
+    if bad:
+        raise InvalidParameterError(f"context_options: unknown option(s) {', '.join(map(str, bad))}; valid: "
+                                    f"{', '.join(sorted(ctx_names))}")
     if cfg.task not in TASKS:
         raise InvalidParameterError(f"task={cfg.task!r}: use one of {', '.join(TASKS)}")
     if cfg.mode not in MODES:
@@ -172,11 +185,17 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
     for name in ("epochs", "accumulate", "e2e_chunk"):
         if int(getattr(cfg, name)) < 1:
             raise InvalidParameterError(f"{name}={getattr(cfg, name)!r} must be at least 1")
-    for name in ("lr", "target_mpp", "region_px"):
+    for name, example in (("lr", "2e-4"), ("target_mpp", "0.5"), ("region_px", "256")):
         value = getattr(cfg, name)
-        if value is not None and not float(value) > 0:
-            raise InvalidParameterError(f"{name}={value!r} must be positive (e.g. --lr 2e-4, --target-mpp 0.5, "
-                                        "--region-px 256)")
+        if value is None:
+            continue
+        try:
+            ok = float(value) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InvalidParameterError(f"{name}={value!r} must be a positive number (e.g. "
+                                        f"--{name.replace('_', '-')} {example})")
     for name in ("weight_decay", "grad_clip"):
         if float(getattr(cfg, name)) < 0:
             raise InvalidParameterError(f"{name}={getattr(cfg, name)!r} must be 0 or more")
@@ -193,12 +212,38 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
     return cfg
 
 
+def _config_value(path: Any, name: str, value: Any, default: Any) -> Any:
+    """A YAML value of the type of the option's default (whole numbers for counts, numbers for rates, true or
+    false for switches); a one-line error naming the option otherwise."""
+    if value is None or default is None or isinstance(default, (str, list, dict)):
+        return value
+    kind = "true or false" if isinstance(default, bool) else "a whole number" if isinstance(default, int) \
+        else "a number"
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+        elif not isinstance(value, bool):
+            number = float(value)
+            if not isinstance(default, int):
+                return number
+            if number == int(number):
+                return int(number)
+    except (TypeError, ValueError, OverflowError):
+        pass
+    raise InvalidParameterError(f"--config {path}: {name}: {value!r} is not {kind} (e.g. {name}: "
+                                f"{str(default).lower() if isinstance(default, bool) else default})")
+
+
 # -- helpers --------------------------------------------------------------------------------------------------
 
 def resolve_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidParameterError(f"--device {spec}: use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidParameterError(f"--device {spec}: CUDA is not available here; use --device cpu")
     return dev
