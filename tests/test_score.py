@@ -177,6 +177,17 @@ def test_report_with_labels(runs, tmp_path):
     rep = json.loads((out / "report" / "report.json").read_text())
     assert rep["labelled_not_scored"] == ["never_scored"]
     assert rep.get("n_labelled", 0) + rep["excluded_seen"] == 7  # the first row has no label
+    # labels of training slides only: no metrics, and the plots of the earlier report go
+    seen_only = tmp_path / "seen.csv"
+    seen_only.write_text("slide_id,label\n" + "".join(f"{r.slide_id},{r.label}\n" for r in rows
+                                                      if parts[r.slide_id] != "test"))
+    r = _xtpath("report", out, "--labels", seen_only)
+    assert r.returncode == 0 and "no metrics: none of the labelled slides" in r.stdout, r.stdout
+    assert "metrics" not in json.loads((out / "report" / "report.json").read_text())
+    assert not (out / "report" / "roc.png").exists() and not (out / "report" / "confusion.png").exists()
+    # a training run's folder is not a score folder
+    r = _xtpath("report", root / "cls")
+    assert r.returncode == 1 and "not a folder written by xtpath score" in r.stderr, r.stderr
 
 
 def test_shards_cover_the_csv_exactly_once(runs, tmp_path):

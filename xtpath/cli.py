@@ -557,6 +557,9 @@ def report(
         console.print(f"on {rep['n_labelled']} held-out labelled slides: " + ", ".join(
             f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)), soft_wrap=True)
         console.print(f"plots and report.json in {out / 'report'}", soft_wrap=True)
+    elif labels is not None:
+        console.print("no metrics: none of the labelled slides is both scored and held out from training",
+                      soft_wrap=True)
 
 
 @app.command("demo-data")

@@ -48,6 +48,11 @@ def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] |
     preds = read_predictions(out)
     if not preds:
         raise InvalidParameterError(f"{out / PREDICTIONS_CSV}: no predictions; run xtpath score first")
+    need = {"slide_id", "predicted", "n_regions", "seconds"}
+    if not need <= set(preds[0]) or (out / "model.safetensors").exists():
+        raise InvalidParameterError(f"{out}: not a folder written by xtpath score (its predictions.csv lacks "
+                                    f"{', '.join(sorted(need - set(preds[0]))) or 'nothing, but it is a run'}); "
+                                    "give the --out folder of xtpath score")
     classes = [k[2:] for k in preds[0] if k.startswith("p_")]
     counts = {c: sum(p["predicted"] == c for p in preds) for c in classes}
     seconds = np.array([float(p["seconds"]) for p in preds])
@@ -83,5 +88,8 @@ def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] |
             folder.mkdir(exist_ok=True)
             rep["metrics"]["confusion_matrix"] = roc_and_confusion_plots(P, Y, classes, folder, title="scored")
     (out / "report").mkdir(exist_ok=True)
+    if "metrics" not in rep:  # plots of an earlier report would contradict this one
+        for name in ("roc.png", "confusion.png"):
+            (out / "report" / name).unlink(missing_ok=True)
     write_json(out / "report" / "report.json", jsonable(rep))
     return rep
