@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -259,6 +260,49 @@ def test_label_image_masks_need_the_class_names(demo, tmp_path):
     with pytest.raises(InvalidParameterError, match=r"label_image_masks.csv:3: mask labels.png is a label image.*classes: "):
         train(edited, tmp_path / "run", cfg, show_progress=False, log=lambda m: None)
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def _edited_csv(csv_path: Path, name: str, edit) -> Path:
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    edit(rows)
+    path = Path(csv_path).parent / name  # beside the slides: their paths are relative
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def test_labels_spelt_two_ways_are_refused_and_a_slide_listed_twice_is_warned_about(demo, tmp_path):
+    root, csv_path = demo
+
+    def respell(rows):
+        rows[2]["label"] = rows[2]["label"].capitalize()
+
+    with pytest.raises(ManifestError, match=r"labels that differ only in case, spaces or number format: "
+                                            r"'(Touch|Apart)' \(respelt.csv:4\) vs '(touch|apart)' "):
+        train(_edited_csv(csv_path, "respelt.csv", respell), tmp_path / "a", _cfg(cache=str(root / "cache")),
+              show_progress=False, log=lambda m: None)
+
+    def numbers(rows):
+        for i, r in enumerate(rows):
+            r["label"] = ["1", "0"][i % 2] if i != 3 else "1.0"
+
+    with pytest.raises(ManifestError, match=r"'1' \(numbers.csv:2\) vs '1.0' \(numbers.csv:5\)"):
+        train(_edited_csv(csv_path, "numbers.csv", numbers), tmp_path / "b", _cfg(cache=str(root / "cache")),
+              show_progress=False, log=lambda m: None)
+
+    def twice(rows):
+        rows.append({**rows[0], "slide_id": "copy_of_0", "split": "test", "case_id": "another_case"})
+
+    said = []
+    csv2 = _edited_csv(csv_path, "twice.csv", twice)
+    cache = shutil.copytree(root / "cache", tmp_path / "cache")
+    with open(csv_path, newline="") as f:
+        shutil.copy(cache / f"{next(csv.DictReader(f))['slide_id']}.h5", cache / "copy_of_0.h5")
+    train(csv2, tmp_path / "c", _cfg(cache=str(cache), epochs=1), show_progress=False, log=said.append)
+    assert any("is listed 2 times (twice.csv:2, twice.csv:" in m and "training and test" in m for m in said), said
 
 
 def test_k_fold_cross_validation(tmp_path):

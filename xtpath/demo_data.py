@@ -210,7 +210,10 @@ def make_demo_dataset(out_dir: str | os.PathLike[str], spec: DemoSpec = DemoSpec
     if spec.n_slides < 4:
         raise InvalidParameterError(f"--n-slides {spec.n_slides}: use at least 4 (two per label)")
     if spec.grid < 5:
-        raise InvalidParameterError(f"grid {spec.grid}: use at least 5 cells per side")
+        raise InvalidParameterError(f"--grid {spec.grid}: use at least 5 cells per side")
+    if spec.grid > 200:  # 200 cells of 256 px: a 51200 px slide, 7.5 GB of pixels in memory while written
+        raise InvalidParameterError(f"--grid {spec.grid}: use at most 200 cells per side (demo slides are built in "
+                                    "memory)")
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)

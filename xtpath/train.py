@@ -318,6 +318,8 @@ def _class_map(rows: Sequence[SlideRow], cfg: TrainConfig) -> tuple[list[str], l
         classes = list(cfg.classes) or class_names_from_masks(rows)
         return classes, None
     found = sorted({r.label for r in rows if r.label is not None})
+    if not cfg.classes:
+        _check_label_spellings(rows, found)
     classes = list(cfg.classes) or found
     index = {c: i for i, c in enumerate(classes)}
     bad = [f"{r.where}: label {r.label!r} is not in the class map ({', '.join(classes)})"
@@ -329,12 +331,44 @@ def _class_map(rows: Sequence[SlideRow], cfg: TrainConfig) -> tuple[list[str], l
     return classes, [index[r.label] for r in rows]  # type: ignore[index]
 
 
+def _label_key(label: str) -> str:
+    try:
+        return repr(float(label))  # 1, 1.0 and 01 are one number
+    except ValueError:
+        return " ".join(label.split()).casefold()
+
+
+def _check_label_spellings(rows: Sequence[SlideRow], found: Sequence[str]) -> None:
+    """Labels that differ only in case, spaces or number format would silently be classes of their own."""
+    groups: dict[str, list[str]] = {}
+    for lab in found:
+        groups.setdefault(_label_key(lab), []).append(lab)
+    clashes = [g for g in groups.values() if len(g) > 1]
+    if clashes:
+        first = {lab: next(r.where for r in rows if r.label == lab) for g in clashes for lab in g}
+        text = "; ".join(" vs ".join(f"{lab!r} ({first[lab]})" for lab in g) for g in clashes)
+        raise ManifestError(f"labels that differ only in case, spaces or number format: {text}; write each class "
+                            "the same way (or list the classes in the --config YAML to keep them apart)")
+
+
 def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable[[str], None]) -> _Prepared:
     from xtpath.extract import ExtractConfig, encoder_settings, extract_slides
 
     rows = read_slides_csv(csv_path, require_labels=cfg.task == "classification",
                            require_masks=cfg.task == "segmentation")
     classes, labels = _class_map(rows, cfg)
+    by_path: dict[str, list[SlideRow]] = {}
+    for r in rows:
+        by_path.setdefault(str(Path(r.path).resolve()), []).append(r)
+    for path, same in by_path.items():
+        if len(same) > 1:
+            progress(f"warning: {path} is listed {len(same)} times ({', '.join(r.where for r in same)}): one slide "
+                     "in two rows can land in training and test at once; keep one row per slide")
+    if labels is not None:
+        for c, name in enumerate(classes):
+            if 0 < labels.count(c) < 2:
+                progress(f"warning: class {name!r} has a single slide: it cannot be in training and evaluation "
+                         "both")
     cache = Path(cfg.cache) if cfg.cache else run_dir / "cache"
     files = [cache_path(cache, r.slide_id) for r in rows]
     enc_settings: dict[str, Any] = {}
