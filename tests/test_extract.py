@@ -225,6 +225,23 @@ def test_kill_during_writing_leaves_no_h5_and_resume_finishes(tmp_path):
     assert r.returncode == 0, r.stderr
     assert load_features(cache / "big.h5").features.shape == (1024, 64)
     assert not list(cache.glob("*.tmp")) and not list(cache.glob(".*.tmp"))
+    # SIGTERM (a cluster's time limit) and Ctrl-C unwind: the temporary file and the slide's lock are removed
+    for sig, status, word in ((signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")):
+        again = tmp_path / f"cache_{word}"
+        run_args = [str(again) if a == cache else a for a in args]
+        proc = subprocess.Popen([sys.executable, "-m", "xtpath", *map(str, run_args)], env=env, text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(again.glob(".big.h5.*.tmp")):
+            time.sleep(0.05)
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode == status, err[-2000:]
+        assert err.strip().splitlines()[-1] == f"{word}: what was finished is kept; run the same command again " \
+            "to resume"
+        assert not list(again.glob(".*.tmp")) and not list((again / ".locks").glob("*"))
+        assert not (again / "big.h5").exists()
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ answers at once. Every error xtpath raises on purpose is printed as one line and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from enum import Enum
@@ -188,7 +189,7 @@ def tile(
         raise InvalidParameterError(f"--out {out}: use a .h5 or .csv file name")
     with open_slide(slide, backend=backend.value, mpp=mpp) as s:
         smpp = s.require_mpp()
-        check_resolution(slide, smpp, target_mpp, region_px, s.dimensions)
+        check_resolution(slide, smpp, target_mpp, region_px)
         tm = None
         if not no_tissue:
             with warnings.catch_warnings(record=True) as caught:
@@ -198,6 +199,8 @@ def tile(
                 typer.echo(f"warning: {w.message}", err=True)
         regions = make_region_grid(s.dimensions, smpp, target_mpp, region_px, encoder_px=encoder_px,
                                    tissue=tm, min_tissue=min_tissue, edge=edge.value, order=order.value)
+        if len(regions) == 0:  # a slide smaller than one region says why (usually a wrong mpp)
+            check_resolution(slide, smpp, target_mpp, region_px, s.dimensions)
         name, power = s.name, s.objective_power
     k = regions.subregions_per_side
     typer.echo(f"{name}: {len(regions)} regions of {region_px} px at {target_mpp:g} µm/px "
@@ -623,10 +626,29 @@ def main(argv: list[str] | None = None) -> None:
 
     Usage errors (a missing option, a bad value) are reported by typer itself, with exit status 2.
     """
+    import signal
+
     from xtpath.errors import XtpathError
 
+    stopped: list[int] = []
+
+    def _stop(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    # Ctrl-C and SIGTERM (what SLURM, systemd and `kill` send) unwind the same way: temporary files and locks
+    # are removed; typer turns the KeyboardInterrupt into exit status 130, and the line below says what to do
+    with contextlib.suppress(ValueError):  # not in the main thread (embedded use): leave the defaults
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
     try:
         app(args=argv)
+    except SystemExit as e:
+        if e.code == 130 or stopped:
+            how = "terminated" if signal.SIGTERM in stopped else "interrupted"
+            typer.echo(f"{how}: what was finished is kept; run the same command again to resume", err=True)
+            sys.exit(143 if signal.SIGTERM in stopped else 130)
+        raise
     except XtpathError as e:
         for line in str(e).splitlines():  # a slides CSV reports every bad row, one per line
             _echo_err(line)
@@ -634,7 +656,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError as e:  # a path given where a folder is needed, no permission, a full disk: not a bug
         _echo_err(_os_error_line(e))
         sys.exit(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # outside typer's own handling
         typer.echo("interrupted: what was finished is kept; run the same command again to resume", err=True)
         sys.exit(130)
 

@@ -254,7 +254,7 @@ def plan_slide(row: SlideRow, cfg: ExtractConfig, encoder_px: int) -> tuple[Any,
     """Open a slide, find its tissue and cut its region grid (raises :class:`XtpathError` subclasses)."""
     slide = open_slide(row.path, mpp=row.mpp)
     try:
-        check_resolution(row.path, slide.require_mpp(), cfg.target_mpp, cfg.region_px, slide.dimensions)
+        check_resolution(row.path, slide.require_mpp(), cfg.target_mpp, cfg.region_px)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "no tissue" is reported below as a failure
             tm = detect_tissue(slide, cfg.tissue(), keep_image=False)
@@ -262,6 +262,8 @@ def plan_slide(row: SlideRow, cfg: ExtractConfig, encoder_px: int) -> tuple[Any,
                                    encoder_px=encoder_px, tissue=tm, min_tissue=cfg.min_tissue, edge=cfg.edge,
                                    order=cfg.order)  # type: ignore
         if len(regions) == 0:
+            # a slide smaller than one region: the likelier reason is a wrong mpp (millimetres for microns)
+            check_resolution(row.path, slide.require_mpp(), cfg.target_mpp, cfg.region_px, slide.dimensions)
             raise NoTissueError(f"{row.path}: no region has at least {cfg.min_tissue:.0%} tissue "
                                 f"(tissue area {tm.area_mm2:.3f} mm²); check the slide or lower --min-tissue")
     except BaseException:
