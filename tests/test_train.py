@@ -257,7 +257,8 @@ def test_label_image_masks_need_the_class_names(demo, tmp_path):
         w.writeheader()
         w.writerows(rows)
     cfg = _cfg(task="segmentation", cache=str(root / "cache"), epochs=1)
-    with pytest.raises(InvalidParameterError, match=r"label_image_masks.csv:3: mask labels.png is a label image.*classes: "):
+    with pytest.raises(InvalidParameterError,
+                       match=r"label_image_masks.csv:3: mask labels.png is a label image.*classes: "):
         train(edited, tmp_path / "run", cfg, show_progress=False, log=lambda m: None)
     assert not (tmp_path / "run").exists()  # refused before anything is written
 

@@ -133,7 +133,7 @@ def tissue(
     mode: Annotated[Mode, typer.Option(help="he: coloured tissue on white; fluorescence: bright on dark.")]
     = Mode.auto,
     mask_mpp: Annotated[Optional[float], typer.Option(help="Mask resolution in µm/px (default 8).")] = None,
-    min_area_um2: Annotated[Optional[float], typer.Option(help="Drop tissue pieces smaller than this (µm²).")]
+    min_area_um2: Annotated[Optional[float], typer.Option(min=0, help="Drop tissue pieces smaller than this (µm²).")]
     = None,
     backend: BackendOpt = Backend.auto,
     mpp: MppOpt = None,
@@ -321,7 +321,7 @@ def extract(
                                                     "(xT's input).")] = Features.pooled,
     target_mpp: Annotated[float, typer.Option(help="Microns per pixel of the regions (0.5 is about 20x).")] = 0.5,
     region_px: Annotated[int, typer.Option(help="Region side in pixels at --target-mpp.")] = 256,
-    encoder_px: Annotated[Optional[int], typer.Option(help="Encoder input side (default: the model's).")] = None,
+    encoder_px: Annotated[Optional[int], typer.Option(min=1, help="Encoder input side (default: the model's).")] = None,
     devices: Annotated[str, typer.Option(help="auto, cpu, or GPU numbers (0,1): one process per GPU.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Regions per encoder batch.")] = 32,
     workers: Annotated[Optional[int], typer.Option(help="Reader processes per device (default: cores - 1).")] = None,
@@ -433,7 +433,7 @@ def train(
     features: Annotated[Optional[Features], typer.Option(help="Feature kind of caches built now.")] = None,
     target_mpp: Annotated[Optional[float], typer.Option(help="Microns per pixel of the regions.")] = None,
     region_px: Annotated[Optional[int], typer.Option(help="Region side in pixels.")] = None,
-    encoder_px: Annotated[Optional[int], typer.Option(help="Encoder input side.")] = None,
+    encoder_px: Annotated[Optional[int], typer.Option(min=1, help="Encoder input side (default: the model's).")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda[:N].")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of every random draw (default 0).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in OUT from its last epoch.")] = False,
@@ -506,8 +506,8 @@ def score(
     """Score slides with a trained model: predictions, heatmaps, region scores, QuPath GeoJSON, masks.
 
     Extracts features that are not cached yet with the model's own encoder settings; a rerun scores only the
-    slides missing from predictions.csv (--rescore: all selected slides again). Exit status 0 when every slide is scored, 3 when some failed (listed
-    in OUT/failures.csv), 1 on errors.
+    slides missing from predictions.csv (--rescore: all selected slides again). Exit status 0 when every slide
+    is scored, 3 when some failed (listed in OUT/failures.csv), 1 on errors.
     """
     from xtpath.io import read_slides_csv
     from xtpath.score import parse_shard, score_slides
@@ -627,9 +627,12 @@ def main(argv: list[str] | None = None) -> None:
     Usage errors (a missing option, a bad value) are reported by typer itself, with exit status 2.
     """
     import signal
+    import warnings
 
     from xtpath.errors import XtpathError
 
+    # warnings from the library are for the person at the terminal: one line, without Python's file and line
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"  # type: ignore
     stopped: list[int] = []
 
     def _stop(signum: int, frame: object) -> None:

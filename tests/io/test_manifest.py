@@ -50,11 +50,11 @@ def test_every_problem_at_once(tmp_path):
         "slides.csv:5: empty label; training needs a label on every row (or remove the row)",
         "slides.csv:6: split 'holdout' is not one of train, val, test",
         "slides.csv:7: mpp '-1' is not a positive number of microns per pixel",
-        "slides.csv:8: slide_id 'F/G' is unsafe as a file name; use letters, digits, '.', '_', '-', '+', not "
+        "slides.csv:8: slide_id 'F/G' is unsafe as a file name; use ASCII letters, digits, '.', '_', '-', '+', not "
         "starting with '.'",
         "slides.csv:9: empty slide_id",
         "slides.csv:9: empty path",
-        "slides.csv:10: slide_id '..' is unsafe as a file name; use letters, digits, '.', '_', '-', '+', not "
+        "slides.csv:10: slide_id '..' is unsafe as a file name; use ASCII letters, digits, '.', '_', '-', '+', not "
         "starting with '.'",
     ]
     # the same file is fine when labels are not needed, apart from the other problems
@@ -92,3 +92,11 @@ def test_a_csv_that_is_not_utf8_text_is_one_line(tmp_path):
         read_slides_csv(latin)
     with pytest.raises(ManifestError, match=r"^CMU-1-Small-Region.svs: a binary file \(a slide, an Excel"):
         read_slides_csv(DATA / "CMU-1-Small-Region.svs")
+
+
+def test_a_row_with_more_fields_than_the_header_is_named(tmp_path):
+    p = _write(tmp_path, "slide_id,path,label\n"
+                         f"A,{DATA / 'CMU-1-Small-Region.svs'},tumour\n"
+                         f"B,{DATA / 'CMU-1-Small-Region.svs'},tumour,grade 2,extra\n")
+    with pytest.raises(ManifestError, match=r"^slides.csv:3: 2 more field\(s\) than the header has columns"):
+        read_slides_csv(p)

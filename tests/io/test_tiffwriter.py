@@ -7,8 +7,13 @@ import pytest
 import tifffile
 import tiffslide
 
-from xtpath.io.tiffwriter import (downsample2, downsample_labels2, label_names_metadata, read_label_names,
-                                  write_pyramid_tiff)
+from xtpath.io.tiffwriter import (
+    downsample2,
+    downsample_labels2,
+    label_names_metadata,
+    read_label_names,
+    write_pyramid_tiff,
+)
 
 
 def test_label_levels_hold_only_values_of_their_four_pixels():

@@ -24,7 +24,7 @@ __all__ = ["SlideRow", "read_slides_csv", "REQUIRED_COLUMNS", "OPTIONAL_COLUMNS"
 REQUIRED_COLUMNS = ("slide_id", "path")
 OPTIONAL_COLUMNS = ("label", "split", "case_id", "mpp", "mask")
 SPLITS = ("train", "val", "test")
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._\-+]+$")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._\-+]+$")  # ASCII: the ids become file names on every system
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,11 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
             if not sid:
                 problems.append(f"{where}: empty slide_id")
             elif not _SAFE_ID.match(sid) or sid.startswith("."):
-                problems.append(f"{where}: slide_id {sid!r} is unsafe as a file name; use letters, digits, "
+                problems.append(f"{where}: slide_id {sid!r} is unsafe as a file name; use ASCII letters, digits, "
                                 "'.', '_', '-', '+', not starting with '.'")
+            if None in rec:  # csv puts the fields beyond the header under None
+                problems.append(f"{where}: {len(rec[None])} more field(s) than the header has columns; quote "
+                                "values that hold the delimiter, or add the column to the header")
             elif sid in seen:
                 problems.append(f"{where}: slide_id {sid!r} is already used on line {seen[sid]}")
             else:

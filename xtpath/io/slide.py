@@ -453,5 +453,5 @@ def open_slide(path: str | os.PathLike[str], *, backend: str = "auto",
             reasons.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": "))
             continue
         return Slide(p, name, handle, mpp_override=mpp)
-    hint = "" if backend == "auto" else "; try backend='auto'"
+    hint = "" if backend == "auto" else "; try the other reader (--backend auto)"
     raise UnsupportedSlideError(f"{p}: not a slide that xtpath can read ({'; '.join(reasons)}){hint}")
