@@ -19,7 +19,7 @@ import pytest
 
 from xtpath.cache import load_features
 from xtpath.demo_data import DemoSpec, make_demo_dataset
-from xtpath.errors import CacheError
+from xtpath.errors import CacheError, InvalidParameterError
 from xtpath.extract import ExtractConfig, extract_slides
 from xtpath.io import open_slide, read_slides_csv
 from xtpath.io.tiffwriter import read_label_names
@@ -379,3 +379,29 @@ def test_a_cache_of_another_slide_or_a_broken_one_fails_only_its_slide(runs, tmp
     lines = str(e.value).splitlines()
     assert any(rows[0].slide_id in ln and "made from another file" in ln for ln in lines)
     assert any(rows[2].slide_id in ln and "not a readable HDF5 file" in ln for ln in lines)
+
+
+def test_a_scored_slide_id_given_another_file_is_not_skipped_silently(runs, tmp_path):
+    root, csv_path = runs
+    rows = read_slides_csv(csv_path)[:2]
+    out = tmp_path / "out"
+    score_slides(rows, root / "cls", out, cache_dir=root / "traincache")
+    # the same slides moved elsewhere: skipped as scored
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for r in rows:
+        shutil.copy(r.path, moved / Path(r.path).name)
+    listing = tmp_path / "moved.csv"
+    listing.write_text("slide_id,path\n" + "".join(f"{r.slide_id},{moved / Path(r.path).name}\n" for r in rows))
+    s = score_slides(read_slides_csv(listing), root / "cls", out, cache_dir=root / "traincache")
+    assert sorted(s.skipped) == sorted(r.slide_id for r in rows) and not s.scored
+    # the first slide_id now names the second slide's file: refused before any work
+    swapped = tmp_path / "swapped.csv"
+    swapped.write_text(f"slide_id,path\n{rows[0].slide_id},{rows[1].path}\n")
+    with pytest.raises(InvalidParameterError, match=rf"swapped.csv:2: {rows[0].slide_id} was scored from .* is "
+                                                    r"another file\nscore them again with --rescore"):
+        score_slides(read_slides_csv(swapped), root / "cls", out, cache_dir=root / "traincache")
+    # --rescore scores it again, and the cache made from the other file is refused for that slide
+    s = score_slides(read_slides_csv(swapped), root / "cls", out, cache_dir=root / "traincache", rescore=True)
+    assert "made from another file" in s.failed[rows[0].slide_id]
+    assert [p["slide_id"] for p in _predictions(out)] == [rows[1].slide_id]

@@ -422,7 +422,8 @@ def _score_outputs(sm: ScoreModel, row: SlideRow, sf: Any, cache_file: Path, pre
         rec = {"slide_id": row.slide_id, "status": "ok", "predicted": predicted,
                "probs": {c: float(p) for c, p in zip(sm.classes, probs)}, "n_regions": int(len(sf)),
                "seconds": time.perf_counter() - t0, "task": sm.task, "classes": sm.classes,
-               "slide_path": str(row.path), "slide_mpp": list(slide.require_mpp()), "region_size_level0": size,
+               "slide_path": str(row.path), "slide_fingerprint": file_fingerprint(row.path),
+               "slide_mpp": list(slide.require_mpp()), "region_size_level0": size,
                "model": str(sm.run_dir.resolve())}
     write_json(folder / "prediction.json", rec)
     return rec
@@ -517,6 +518,8 @@ def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_
     _claim_out_dir(sm, out)
     if rescore:
         _drop_predictions(out, sm.classes, {r.slide_id for r in rows})
+    else:
+        _check_scored_files(out, sm.classes, rows)
     if len(devices) <= 1:
         summary = _score_rows(sm, rows, cache, out, devices[0] if devices else "cpu", progress, batch_size)
     else:
@@ -551,6 +554,30 @@ def _claim_out_dir(sm: ScoreModel, out: Path) -> None:
                              f"{me['model']} into another --out (or delete {out} to start over)")
         return
     write_json(path, me)
+
+
+def _check_scored_files(out: Path, classes: Sequence[str], rows: Sequence[SlideRow]) -> None:
+    """A slide_id already scored from one file, now given with another (other bytes, not just moved), would be
+    skipped with the old file's scores: all such rows are an error before any work."""
+    done = scored_ids(out, classes)
+    problems = []
+    for r in rows:
+        rec_path = out / r.slide_id / "prediction.json"
+        if r.slide_id not in done or not rec_path.exists():
+            continue
+        try:
+            rec = json.loads(rec_path.read_text())
+        except (OSError, ValueError):
+            continue
+        before = rec.get("slide_fingerprint")
+        if rec.get("slide_path") == str(r.path) or not before or not Path(r.path).exists():
+            continue
+        if file_fingerprint(r.path) != before:
+            problems.append(f"{r.where}: {r.slide_id} was scored from {rec.get('slide_path')}, and {r.path} is "
+                            "another file")
+    if problems:
+        raise InvalidParameterError("\n".join(problems) + "\nscore them again with --rescore (and --only), or use "
+                                    "another --out")
 
 
 def _check_cache_dir(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path) -> None:
