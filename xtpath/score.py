@@ -401,7 +401,8 @@ def _score_outputs(sm: ScoreModel, row: SlideRow, sf: Any, cache_file: Path, pre
     # cell of each region on the slide's own grid (foreign caches number cells from their first region)
     cells = np.rint(np.asarray(sf.coords, np.float64)[:, ::-1] / size).astype(np.int64)
     with open_slide(row.path, mpp=row.mpp) as slide:  # closed now, not when the collector gets to it
-        other = other_slide(sf.settings or {}, slide.dimensions, file_fingerprint(row.path))
+        fingerprint = file_fingerprint(row.path)
+        other = other_slide(sf.settings or {}, slide.dimensions, fingerprint)
         if other:
             raise CacheError(f"{cache_file}: {other}: slide_id {row.slide_id!r} was used for another file; "
                              "delete this cache file (it is made again) or use another --cache")
@@ -422,7 +423,7 @@ def _score_outputs(sm: ScoreModel, row: SlideRow, sf: Any, cache_file: Path, pre
         rec = {"slide_id": row.slide_id, "status": "ok", "predicted": predicted,
                "probs": {c: float(p) for c, p in zip(sm.classes, probs)}, "n_regions": int(len(sf)),
                "seconds": time.perf_counter() - t0, "task": sm.task, "classes": sm.classes,
-               "slide_path": str(row.path), "slide_fingerprint": file_fingerprint(row.path),
+               "slide_path": str(row.path), "slide_fingerprint": fingerprint,
                "slide_mpp": list(slide.require_mpp()), "region_size_level0": size,
                "model": str(sm.run_dir.resolve())}
     write_json(folder / "prediction.json", rec)
