@@ -129,6 +129,9 @@ def test_segmentation_outputs(runs, tmp_path):
             assert f["properties"]["objectType"] == "annotation"
             xs = np.array([pt for ring in f["geometry"]["coordinates"] for pt in ring])
             assert xs.min() >= 0 and xs[:, 0].max() <= slide.dimensions[0] + 256
+    r = _xtpath("report", out, "--labels", csv_path)  # slide labels mean nothing to a segmenter
+    assert r.returncode == 1 and "metrics against labels are for classification" in r.stderr, r.stderr
+    assert _xtpath("report", out).returncode == 0
 
 
 def test_two_device_processes_score_each_slide_once_with_the_same_result(runs, tmp_path):

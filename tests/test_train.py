@@ -145,7 +145,14 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     assert 2 <= done_before < 5
     again = _run_cli(*_train_args(csv_path, run, tmp_path / "cache", cfg_file))
     assert again.returncode == 1 and "--resume" in again.stderr  # refuses to overwrite a run
-    resumed = _run_cli(*_train_args(csv_path, run, tmp_path / "cache", cfg_file, "--resume"))
+    saved = (run / "config.yaml").read_text()
+    other = _run_cli(*_train_args(csv_path, run, tmp_path / "cache", cfg_file, "--resume", "--context", "abmil",
+                                  "--epochs", "7"))
+    assert other.returncode == 1 and "settings differ from the run's config.yaml (context: 'mamba' -> 'abmil'; " \
+        "epochs: 5 -> 7)" in other.stderr, other.stderr
+    assert (run / "config.yaml").read_text() == saved
+    # resumed without the config file: what is not given comes from the run's config.yaml
+    resumed = _run_cli("train", csv_path, "--out", run, "--device", "cpu", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = _metrics(tmp_path / "full" / "metrics.csv"), _metrics(run / "metrics.csv")
     assert len(a) == len(b) == 5
@@ -316,6 +323,14 @@ def test_k_fold_cross_validation(tmp_path):
         assert (tmp_path / "cv" / f"fold{k}" / "model.safetensors").exists()
     summary = json.loads((tmp_path / "cv" / "report.json").read_text())["summary"]
     assert len(summary["accuracy"]["folds"]) == 3
+    # a second run into the same folder would leave stale folds for score to average: refused
+    with pytest.raises(InvalidParameterError, match="already holds a run; pass --resume"):
+        train(csv_path, tmp_path / "cv", _cfg(cache=str(tmp_path / "cache"), epochs=1, folds=4, context="mean"),
+              show_progress=False, log=lambda m: None)
+    # a fold scores on its own (its class map and encoder settings are the run's)
+    from xtpath.score import load_run
+
+    assert load_run(tmp_path / "cv" / "fold1").classes == load_run(tmp_path / "cv").classes
 
 
 def test_bad_inputs_stop_before_training(demo, tmp_path):

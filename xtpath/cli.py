@@ -649,7 +649,10 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit as e:
         if e.code == 130 or stopped:
             how = "terminated" if signal.SIGTERM in stopped else "interrupted"
-            typer.echo(f"{how}: what was finished is kept; run the same command again to resume", err=True)
+            args = list(sys.argv[1:] if argv is None else argv)
+            again = "add --resume to the same command" if args[:1] == ["train"] and "--resume" not in args \
+                else "run the same command again"
+            typer.echo(f"{how}: what was finished is kept; {again} to resume", err=True)
             sys.exit(143 if signal.SIGTERM in stopped else 130)
         raise
     except XtpathError as e:

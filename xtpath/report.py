@@ -33,6 +33,19 @@ def _seen_in_training(out: Path) -> tuple[set[str], Path | None]:
             if any(v in ("train", "val") for k, v in r.items() if k not in ("slide_id", "label"))}, run / "splits.csv"
 
 
+def _task(out: Path, preds: list[dict[str, str]]) -> str:
+    """The task of the model that scored ``out`` (from a slide's ``prediction.json``)."""
+    import json
+
+    for p in preds:
+        try:
+            return str(json.loads((out / p["slide_id"] / "prediction.json").read_text()).get("task",
+                                                                                          "classification"))
+        except (OSError, ValueError):
+            continue
+    return "classification"
+
+
 def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Summarise ``OUT_DIR/predictions.csv``; with a labelled slides CSV also compute metrics and write
     ``OUT_DIR/report/report.json``, ``roc.png`` and ``confusion.png``.
@@ -63,6 +76,11 @@ def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] |
                            "predicted_counts": counts, "seconds_per_slide": float(seconds.mean()),
                            "regions_per_slide": float(regions.mean())}
     if labels_csv is not None:
+        task = _task(out, preds)
+        if task != "classification":
+            raise InvalidParameterError(f"--labels {labels_csv}: metrics against labels are for classification; "
+                                        f"{out} holds {task} scores (Dice and IoU on held-out masks are in the "
+                                        "training run's report)")
         table = read_slides_csv(labels_csv, check_files=False, require_path=False)
         if not any(r.label for r in table):
             raise ManifestError(f"{labels_csv}: no labels; --labels needs a CSV with slide_id,label columns")

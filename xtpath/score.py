@@ -89,7 +89,8 @@ class ScoreModel:
 
 def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
              weights: str | os.PathLike[str] | None = None) -> ScoreModel:
-    """Load ``RUN_DIR`` written by ``xtpath train`` (all folds of a cross-validation, averaged when scoring).
+    """Load ``RUN_DIR`` written by ``xtpath train`` (all folds of a cross-validation, averaged when scoring; or
+    one fold, ``RUN_DIR/foldK``).
 
     ``weights``: the region encoder's weights file, for a run whose recorded path does not exist here (moved to
     another machine); it must be the same file (same SHA-256). An end-to-end run scores with its own fine-tuned
@@ -101,7 +102,9 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
     from xtpath.models.encoders import file_sha256, weights_path
 
     run = Path(run_dir)
-    if not (run / "classes.json").exists():
+    # one fold of a cross-validation scores on its own, with the run's class map and settings
+    meta = run.parent if run.name.startswith("fold") and not (run / "classes.json").exists() else run
+    if not (meta / "classes.json").exists():
         raise CheckpointError(f"{run}: not an xtpath run folder (no classes.json); give the --out of xtpath train")
     folders = [run] if (run / "model.safetensors").exists() else sorted(run.glob("fold*/"))
     folders = [f for f in folders if (f / "model.safetensors").exists()]
@@ -109,9 +112,9 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
         raise CheckpointError(f"{run}: no model.safetensors (did training finish an epoch?)")
     dev = torch.device(device)
     models = [load_model(f, map_location=dev).eval() for f in folders]
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").exists() else {}
-    extract = json.loads((run / "extract.json").read_text()) if (run / "extract.json").exists() else {}
-    tuned = run / "encoder.safetensors"
+    cfg = yaml.safe_load((meta / "config.yaml").read_text()) if (meta / "config.yaml").exists() else {}
+    extract = json.loads((meta / "extract.json").read_text()) if (meta / "extract.json").exists() else {}
+    tuned = run / "encoder.safetensors" if (run / "encoder.safetensors").exists() else meta / "encoder.safetensors"
     if tuned.exists():  # an end-to-end run: features come from its fine-tuned encoder
         extract.update(weights=str(tuned.resolve()), weights_sha256=file_sha256(tuned))
     elif weights is not None:
@@ -121,7 +124,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
             raise CheckpointError(f"--weights {weights}: SHA-256 {sha[:16]}... is not that of the weights the model "
                                   f"was trained with ({str(want)[:16]}...); give the same file")
         extract["weights"] = str(w)
-    return ScoreModel(run, models, json.loads((run / "classes.json").read_text()),
+    return ScoreModel(run, models, json.loads((meta / "classes.json").read_text()),
                       str(cfg.get("task", "classification")), extract, dev,
                       [f / "model.safetensors" for f in folders])
 

@@ -182,6 +182,8 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
         raise InvalidParameterError(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
     if cfg.e2e_backprop not in ("bounded", "full"):
         raise InvalidParameterError(f"e2e_backprop={cfg.e2e_backprop!r}: use bounded or full")
+    if not 0 <= int(cfg.seed) < 2**32:
+        raise InvalidParameterError(f"seed={cfg.seed!r} must be a whole number from 0 to 2**32 - 1")
     for name in ("epochs", "accumulate", "e2e_chunk"):
         if int(getattr(cfg, name)) < 1:
             raise InvalidParameterError(f"{name}={getattr(cfg, name)!r} must be at least 1")
@@ -362,8 +364,9 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
         by_path.setdefault(str(Path(r.path).resolve()), []).append(r)
     for path, same in by_path.items():
         if len(same) > 1:
-            progress(f"warning: {path} is listed {len(same)} times ({', '.join(r.where for r in same)}): one slide "
-                     "in two rows can land in training and test at once; keep one row per slide")
+            where = ", ".join(r.where for r in same[:3]) + (", ..." if len(same) > 3 else "")
+            progress(f"warning: {path} is listed {len(same)} times ({where}): one slide in two rows can land in "
+                     "training and test at once; keep one row per slide")
     if labels is not None:
         for c, name in enumerate(classes):
             if 0 < labels.count(c) < 2:
@@ -866,9 +869,11 @@ def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg
             run.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         say = log if dist.main else (lambda _m: None)
-        if dist.main and (run / "last").exists() and not resume:
+        if dist.main and not resume and ((run / "last").exists() or any(run.glob("fold*/last"))):
             raise InvalidParameterError(f"{run} already holds a run; pass --resume to continue it or choose "
                                         "another --out")
+        if resume:  # every rank: they all train with the run's settings
+            _resume_settings(run, cfg)
         prep = _prepare(Path(csv_path), cfg, run, say) if dist.main else None
         if dist.enabled:  # the other ranks prepare after rank 0 built any caches
             dist.barrier()
@@ -896,12 +901,46 @@ def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg
         dist.close()
 
 
+# settings that may differ when a run is resumed (where things are and what runs them, not what is trained)
+_RESUME_FREE = {"device", "cache", "weights"}
+# settings the run resolved from its caches (checked against them again), and the class map it wrote
+_RESUME_RESOLVED = {"classes", "encoder", "features", "target_mpp", "region_px", "encoder_px"}
+
+
+def _resume_settings(run: Path, cfg: TrainConfig) -> None:
+    """``--resume`` continues the run as it was set up: settings not given now (left at their defaults) are
+    taken from the run's ``config.yaml``; a setting given now that contradicts it (another context model,
+    more epochs, other folds...) is an error before anything is written."""
+    import yaml
+
+    saved_path = run / "config.yaml"
+    if not saved_path.exists():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    fresh = asdict(TrainConfig())
+    changed = []
+    for name, value in asdict(cfg).items():
+        if name not in saved or name in _RESUME_RESOLVED:
+            continue
+        if value == fresh.get(name):  # not given now: the run's own value
+            setattr(cfg, name, saved[name])
+        elif name not in _RESUME_FREE and not same_setting(saved[name], value) and saved[name] != value:
+            changed.append(f"{name}: {saved[name]!r} -> {value!r}")
+    if changed:
+        raise InvalidParameterError(f"--resume {run}: settings differ from the run's config.yaml "
+                                    f"({'; '.join(changed)}); resume with the run's settings, or start a new run "
+                                    "with another --out")
+
+
 def _remove_unstarted_run(run: Path) -> None:
     """After a failure before any checkpoint: remove what this call wrote into the new ``run`` folder (the
     settings files, the folder if then empty), so that nothing looks like a run. Caches built there stay."""
     if any(run.glob("**/last")):
         return
-    for name in ("config.yaml", "classes.json", "splits.csv"):
+    for name in ("config.yaml", "classes.json", "splits.csv", "extract.json"):
         (run / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run.rmdir()
