@@ -354,7 +354,10 @@ def test_bad_inputs_stop_before_training(demo, tmp_path):
         cfg_file = tmp_path / "x.yaml"
         cfg_file.write_text("epochz: 3\n")
         load_config(cfg_file, {})
-    for p in ("a", "b", "c"):
+    with pytest.raises(CacheError, match="the caches were made with features_kind='pooled', this run asks for "
+                                         "'tokens'"):
+        train(csv_path, tmp_path / "d", _cfg(cache=str(root / "cache"), features="tokens"), show_progress=False)
+    for p in ("a", "b", "c", "d"):
         assert not (tmp_path / p / "model.safetensors").exists()
 
 

@@ -201,7 +201,7 @@ class EndToEnd:
             item = SlideItem(self.prep.rows[i].slide_id, feats, grid, label, tgt_t, i)
             loss = loss_fn(model(feats, grid), item)
             (loss * scale).backward()
-            return float(loss)
+            return float(loss.detach())
         feats = encode_regions(self.encoder, read, n, chunk, self.device, grad=False).detach().requires_grad_(True)
         item = SlideItem(self.prep.rows[i].slide_id, feats, grid, label, tgt_t, i)
         loss = loss_fn(model(feats, grid), item)

@@ -387,7 +387,8 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
         if found:
             s0 = found[0]
             enc_settings = {k: s0.get(k) for k in ("encoder", "weights_sha256", "features_kind", "encoder_px")}
-            given = {"target_mpp": cfg.target_mpp, "region_px": cfg.region_px}
+            given = {"target_mpp": cfg.target_mpp, "region_px": cfg.region_px, "encoder_px": cfg.encoder_px,
+                     "features_kind": cfg.features if cfg.features != "pooled" else None}  # pooled: the default
             if cfg.weights:
                 from xtpath.models.encoders import file_sha256
 
@@ -431,6 +432,9 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
         write_json(run_dir / "extract.json", {**asdict(ecfg), **enc_settings, "cache": str(cache)})
     splits = make_splits(rows, labels, folds=cfg.folds, val_fraction=cfg.val_fraction,
                          test_fraction=cfg.test_fraction, seed=cfg.seed)
+    if not cfg.folds and any(r.split for r in rows) and not any(r.split == "val" for r in rows) and splits[0].val:
+        progress(f"the CSV's split column has no val rows: {len(splits[0].val)} of its train slides are held out "
+                 "for validation (early stopping, choice of the best epoch)")
     if cfg.mode == "cached":
         sf = load_features(files[0])
         in_shape = tuple(sf.features.shape[1:])
