@@ -369,7 +369,9 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
                      "training and test at once; keep one row per slide")
     if labels is not None:
         for c, name in enumerate(classes):
-            if 0 < labels.count(c) < 2:
+            if labels.count(c) == 0:
+                progress(f"warning: class {name!r} has no slides: its AUC and recall are undefined")
+            elif labels.count(c) == 1:
                 progress(f"warning: class {name!r} has a single slide: it cannot be in training and evaluation "
                          "both")
     cache = Path(cfg.cache) if cfg.cache else run_dir / "cache"
@@ -676,7 +678,7 @@ def _fit_split(prep: _Prepared, split: Split, cfg: TrainConfig, out_dir: Path, d
         state.update({k: s.get(k, state[k]) for k in state})
         metric = str(state["monitor"])
         larger = metric != "loss"
-        log(f"{split.name}: resuming after epoch {state['epoch'] + 1}")
+        log(("" if split.name == "split" else f"{split.name}: ") + f"resuming after epoch {state['epoch'] + 1}")
     bar = _EpochBar(show and dist.main)
     last_val = ""
     for epoch in range(state["epoch"] + 1, cfg.epochs):
