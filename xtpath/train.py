@@ -374,7 +374,7 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             elif labels.count(c) == 1:
                 progress(f"warning: class {name!r} has a single slide: it cannot be in training and evaluation "
                          "both")
-    cache = Path(cfg.cache) if cfg.cache else run_dir / "cache"
+    cache = (Path(cfg.cache) if cfg.cache else run_dir / "cache").resolve()  # extract.json records it whole
     files = [cache_path(cache, r.slide_id) for r in rows]
     enc_settings: dict[str, Any] = {}
     if cfg.encoder is None:  # train on existing caches, adopting their settings
