@@ -19,7 +19,8 @@ def _is_score_folder(p: Path) -> bool:
 
 
 def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
-    """The reader function for ``path``, or ``None`` if it is neither a slide nor a score folder."""
+    """The reader function for ``path``, or ``None`` if it is none of: a slide, a score folder, a label mask
+    written by xtpath score, a QuPath GeoJSON."""
     if isinstance(path, list):
         if len(path) != 1:
             return None
@@ -27,30 +28,39 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
     p = Path(path)
     if _is_score_folder(p):
         return read_score_folder
-    if p.is_file() and p.name.lower().endswith((".geojson", ".json")):
-        try:
-            from xtpath.io.geojson import read_annotations
+    name = p.name.lower()
+    if p.is_file() and name.endswith((".geojson", ".json")):
+        return read_geojson if _reads(p, _annotations) else None
+    if p.is_file() and name.endswith((".ome.tif", ".ome.tiff")) and _reads(p, _label_names):
+        return read_label_mask
+    return read_slide if _reads(p, _slide) else None
 
-            if read_annotations(p):
-                return read_geojson
-        except Exception:
-            return None
-        return None
-    if p.is_file() and p.name.lower().endswith((".ome.tif", ".ome.tiff")):
-        try:
-            from xtpath.io.tiffwriter import read_label_names
 
-            if read_label_names(p):
-                return read_label_mask
-        except Exception:
-            return None
+def _reads(p: Path, probe: Callable[[Path], Any]) -> bool:
+    """Whether ``probe(p)`` finds something to show (any error: not ours, napari tries other readers)."""
     try:
-        from xtpath.io import open_slide
-
-        open_slide(p).close()
+        return bool(probe(p))
     except Exception:
-        return None
-    return read_slide
+        return False
+
+
+def _annotations(p: Path) -> Any:
+    from xtpath.io.geojson import read_annotations
+
+    return read_annotations(p)
+
+
+def _label_names(p: Path) -> Any:
+    from xtpath.io.tiffwriter import read_label_names
+
+    return read_label_names(p)
+
+
+def _slide(p: Path) -> bool:
+    from xtpath.io import open_slide
+
+    open_slide(p).close()
+    return True
 
 
 def read_slide(path: str | list[str]) -> list[LayerData]:
