@@ -376,8 +376,9 @@ def extract(
 
     resolve_encoder(cfg.encoder)  # an unknown name is an error before any warning or progress bar
     if weights is None:
-        typer.echo(f"warning: no --weights: {encoder} is randomly initialised; its features mean nothing "
-                   "outside tests and demos", err=True)
+        from xtpath.models.encoders import random_weights_note
+
+        typer.echo(f"warning: {random_weights_note(encoder)}", err=True)
     with _ExtractProgress(len(rows)) as prog:
         summary = extract_slides(rows, out, cfg, devices=devs, progress=prog)
     rate = summary.regions / summary.seconds if summary.seconds else 0.0
@@ -648,12 +649,7 @@ def main(argv: list[str] | None = None) -> None:
         app(args=argv)
     except SystemExit as e:
         if e.code == 130 or stopped:
-            how = "terminated" if signal.SIGTERM in stopped else "interrupted"
-            args = list(sys.argv[1:] if argv is None else argv)
-            again = "add --resume to the same command" if args[:1] == ["train"] and "--resume" not in args \
-                else "run the same command again"
-            typer.echo(f"{how}: what was finished is kept; {again} to resume", err=True)
-            sys.exit(143 if signal.SIGTERM in stopped else 130)
+            _stopped(argv, signal.SIGTERM in stopped)
         raise
     except XtpathError as e:
         for line in str(e).splitlines():  # a slides CSV reports every bad row, one per line
@@ -663,8 +659,17 @@ def main(argv: list[str] | None = None) -> None:
         _echo_err(_os_error_line(e))
         sys.exit(1)
     except KeyboardInterrupt:  # outside typer's own handling
-        typer.echo("interrupted: what was finished is kept; run the same command again to resume", err=True)
-        sys.exit(130)
+        _stopped(argv, False)
+
+
+def _stopped(argv: list[str] | None, terminated: bool) -> None:
+    """Say how to resume after Ctrl-C or SIGTERM, and exit 130 or 143."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    again = "add --resume to the same command" if args[:1] == ["train"] and "--resume" not in args \
+        else "run the same command again"
+    how = "terminated" if terminated else "interrupted"
+    typer.echo(f"{how}: what was finished is kept; {again} to resume", err=True)
+    sys.exit(143 if terminated else 130)
 
 
 _OS_HINTS = {

@@ -201,12 +201,17 @@ def _rewrite_failures(cache_dir: Path, slide_id: str, new: dict[str, str] | None
             w.writerows(rows)
 
 
+def failure_time() -> str:
+    """The local time a failure is recorded with (``failures.csv``, a failed slide's ``prediction.json``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def record_failure(cache_dir: Path, row: SlideRow, err: BaseException) -> str:
     """Write (or replace) the slide's line in ``failures.csv`` and return the one-line reason."""
     msg = _one_line(err)
     _rewrite_failures(cache_dir, row.slide_id, {"slide_id": row.slide_id, "path": str(row.path),
                                                 "error": type(err).__name__, "message": msg,
-                                                "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                                "time": failure_time()})
     return msg
 
 

@@ -37,7 +37,7 @@ import torch
 
 from xtpath.cache import cache_path, load_features, other_slide, read_settings, same_setting
 from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, XtpathError
-from xtpath.extract import ExtractConfig, clear_failure, record_failure, run_device_workers
+from xtpath.extract import ExtractConfig, clear_failure, failure_time, record_failure, run_device_workers
 from xtpath.io import SlideRow, open_slide
 from xtpath.io.files import atomic_path, file_fingerprint, write_json
 
@@ -208,10 +208,15 @@ def _drop_predictions(out: Path, classes: Sequence[str], ids: set[str]) -> None:
             tmp.write_text("\n".join(keep) + "\n")
 
 
+def _prediction_line(rec: dict[str, Any], classes: Sequence[str]) -> str:
+    """A slide's ``predictions.csv`` line from its prediction record (columns of :func:`_header`)."""
+    return ",".join([rec["slide_id"], rec["predicted"], *[f"{rec['probs'][c]:.6f}" for c in classes],
+                     str(rec["n_regions"]), f"{rec['seconds']:.3f}"])
+
+
 def _append_prediction(out: Path, classes: Sequence[str], rec: dict[str, Any]) -> None:
     path = out / PREDICTIONS_CSV
-    line = ",".join([rec["slide_id"], rec["predicted"], *[f"{rec['probs'][c]:.6f}" for c in classes],
-                     str(rec["n_regions"]), f"{rec['seconds']:.3f}"])
+    line = _prediction_line(rec, classes)
     with _locked(out):
         new = not path.exists() or path.stat().st_size == 0
         with open(path, "a") as f:
@@ -477,7 +482,7 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
 def _write_failed_record(out: Path, row: SlideRow, error: str, msg: str) -> None:
     write_json(out / row.slide_id / "prediction.json", {"slide_id": row.slide_id, "status": "failed",
                                                         "error": error, "message": msg,
-                                                        "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                                                        "time": failure_time()})
 
 
 def _record_score_failure(out: Path, row: SlideRow, msg: str, error: str) -> None:
@@ -630,9 +635,7 @@ def gather_predictions(out_dir: str | os.PathLike[str], rows: Sequence[SlideRow]
     classes = list(ok[0]["probs"]) if ok else []
     with _locked(out):
         if ok:
-            lines = [",".join(_header(classes))] + [
-                ",".join([x["slide_id"], x["predicted"], *[f"{x['probs'][c]:.6f}" for c in classes],
-                          str(x["n_regions"]), f"{x['seconds']:.3f}"]) for x in ok]
+            lines = [",".join(_header(classes))] + [_prediction_line(x, classes) for x in ok]
             with atomic_path(out / PREDICTIONS_CSV) as tmp:
                 tmp.write_text("\n".join(lines) + "\n")
         by_id = {r.slide_id: r for r in rows}

@@ -422,8 +422,9 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             if missing:
                 progress(f"building {len(missing)} missing feature caches in {cache}")
                 if not ecfg.weights:
-                    progress(f"warning: no --weights: {ecfg.encoder} is randomly initialised; its features mean "
-                             "nothing outside tests and demos")
+                    from xtpath.models.encoders import random_weights_note
+
+                    progress(f"warning: {random_weights_note(str(ecfg.encoder))}")
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", UserWarning)
                     summary = extract_slides(missing, cache, ecfg)

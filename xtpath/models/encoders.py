@@ -159,6 +159,12 @@ def _layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def random_weights_note(encoder: str) -> str:
+    """What is said when an encoder runs without ``--weights`` (extract, train, the end2end encoder)."""
+    return (f"no --weights: {encoder} is randomly initialised; its features mean nothing outside tests and "
+            "demos")
+
+
 def weights_path(path: str | os.PathLike[str]) -> Path:
     """A ``--weights`` file as an absolute path, checked before any work starts (runs record where it is)."""
     p = Path(path).expanduser()
@@ -288,8 +294,7 @@ class RegionEncoder(nn.Module):
         else:
             self.weights_sha256 = f"random-init:seed={seed}"
             self.weights_path = None
-            warnings.warn(f"encoder {name!r} has random weights (no --weights given): its features carry no "
-                          "learned meaning; fine for tests and the demo only", UserWarning, stacklevel=2)
+            warnings.warn(random_weights_note(name), UserWarning, stacklevel=2)
         self.model = model.eval()
         self._token_mode = "features"
         try:
