@@ -642,9 +642,9 @@ def main(argv: list[str] | None = None) -> None:
 
     # Ctrl-C and SIGTERM (what SLURM, systemd and `kill` send) unwind the same way: temporary files and locks
     # are removed; typer turns the KeyboardInterrupt into exit status 130, and the line below says what to do
+    handlers = {}
     with contextlib.suppress(ValueError):  # not in the main thread (embedded use): leave the defaults
-        signal.signal(signal.SIGTERM, _stop)
-        signal.signal(signal.SIGINT, _stop)
+        handlers = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         app(args=argv)
     except SystemExit as e:
@@ -660,6 +660,10 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
     except KeyboardInterrupt:  # outside typer's own handling
         _stopped(argv, False)
+    finally:
+        # the work is over (done, failed or stopped): a signal from now on must not raise into exit handlers
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 def _stopped(argv: list[str] | None, terminated: bool) -> None:

@@ -18,6 +18,7 @@ import csv
 import fcntl
 import os
 import socket
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -253,6 +254,15 @@ def _reader_init(worker_id: int) -> None:
     if nice:
         with contextlib.suppress(OSError):
             os.nice(nice)
+    sys.excepthook = _quiet_when_parent_left
+
+
+def _quiet_when_parent_left(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """In a reader process, a connection error means the main process stopped (Ctrl-C, SIGTERM) while taking a
+    batch (multiprocessing's resource sharer reports it through ``sys.excepthook``): the main process says so in
+    one line, the reader has nothing to add."""
+    if not issubclass(exc_type, (BrokenPipeError, ConnectionResetError, EOFError)):
+        sys.__excepthook__(exc_type, exc, tb)
 
 
 def plan_slide(row: SlideRow, cfg: ExtractConfig, encoder_px: int) -> tuple[Any, RegionGrid]:
@@ -533,11 +543,24 @@ def run_device_workers(target: Callable[..., None], args: Sequence[tuple[Any, ..
 
 
 def _worker_main(target: Callable[..., None], args: tuple[Any, ...], queue: Any) -> None:
-    """A device worker: ``target(*args, queue)``; an xtpath error goes to the parent as one line."""
+    """A device worker: ``target(*args, queue)``; an xtpath error goes to the parent as one line.
+
+    Ctrl-C reaches every process of the terminal's group: the parent alone decides, and stops the workers with
+    SIGTERM, which unwinds here like Ctrl-C (temporary files and locks removed) without a traceback per worker.
+    """
+    import signal
+
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop)
     try:
         target(*args, queue)
     except XtpathError as e:
         queue.put(("error", str(e)))
+    except KeyboardInterrupt:
+        pass
 
 
 def _clean_stale_temp(cache: Path) -> None:
