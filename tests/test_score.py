@@ -16,6 +16,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import tifffile
 
 from xtpath.cache import load_features
 from xtpath.demo_data import DemoSpec, make_demo_dataset
@@ -129,9 +130,57 @@ def test_segmentation_outputs(runs, tmp_path):
             assert f["properties"]["objectType"] == "annotation"
             xs = np.array([pt for ring in f["geometry"]["coordinates"] for pt in ring])
             assert xs.min() >= 0 and xs[:, 0].max() <= slide.dimensions[0] + 256
-    r = _xtpath("report", out, "--labels", csv_path)  # slide labels mean nothing to a segmenter
-    assert r.returncode == 1 and "metrics against labels are for classification" in r.stderr, r.stderr
     assert _xtpath("report", out).returncode == 0
+
+
+def test_report_of_a_segmenter_compares_masks_on_held_out_slides(runs, tmp_path):
+    """Dice and IoU from the written mask.ome.tif files against the GeoJSON masks equal what training measured
+    on its test split with the same model (a different path: model outputs against cache-aligned targets)."""
+    root, csv_path = runs
+    out = tmp_path / "seg"
+    score_slides(read_slides_csv(csv_path), root / "seg", out, cache_dir=root / "traincache")
+    r = _xtpath("report", out, "--labels", csv_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "report" / "report.json").read_text())
+    trained = json.loads((root / "seg" / "report.json").read_text())
+    assert trained["evaluated_on"] == "test"
+    with open(root / "seg" / "splits.csv") as f:
+        held_out = sum(x["split"] == "test" for x in csv.DictReader(f))
+    assert rep["n_labelled"] == held_out and rep["excluded_seen"] == 8 - held_out
+    for k in ("dice", "iou", "accuracy"):
+        assert rep["metrics"][k] == pytest.approx(trained["metrics"][k], abs=1e-9), k
+    assert rep["metrics"]["dice_per_class"] == pytest.approx(trained["metrics"]["dice_per_class"], nan_ok=True)
+    d = rep["metrics"]["dice_per_class"]  # None (NaN): a class in neither the scored nor the true masks
+    assert "Dice per class: " + ", ".join(f"{c} {'-' if v is None else f'{v:.4f}'}" for c, v in
+                                          zip(["background", "dense", "pink"], d)) in r.stdout, r.stdout
+    assert (out / "report" / "segmentation.png").exists()
+    # a mask that disagrees everywhere: painting the whole slide as one class changes Dice as it should
+    rows = read_slides_csv(csv_path)
+    test_ids = [x["slide_id"] for x in csv.DictReader(open(root / "seg" / "splits.csv")) if x["split"] == "test"]
+    row = next(x for x in rows if x.slide_id == test_ids[0])
+    W, H = open_slide(row.path).dimensions
+    whole = tmp_path / "whole.geojson"
+    whole.write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"objectType": "annotation", "classification": {"name": "pink"}},
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [W, 0], [W, H], [0, H], [0, 0]]]}}]}))
+    one = tmp_path / "one.csv"
+    one.write_text(f"slide_id,mask\n{row.slide_id},{whole}\n")
+    r = _xtpath("report", out, "--labels", one)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "report" / "report.json").read_text())["metrics"]
+    mask = tifffile.imread(out / row.slide_id / "mask.ome.tif", level=0)
+    scored = mask[mask != 255]
+    pink = float((scored == 2).mean())
+    assert m["accuracy"] == pytest.approx(pink)  # every scored cell is pink in this ground truth
+    assert m["dice_per_class"][2] == pytest.approx(2 * pink / (pink + 1))
+    # ground truth without masks, or masks with a class the model does not know: one line each
+    labels_only = tmp_path / "labels_only.csv"
+    labels_only.write_text("slide_id,label\nx,touch\n")
+    r = _xtpath("report", out, "--labels", labels_only)
+    assert r.returncode == 1 and "no mask column" in r.stderr, r.stderr
+    whole.write_text(whole.read_text().replace('"pink"', '"stroma"'))
+    r = _xtpath("report", out, "--labels", one)
+    assert r.returncode == 1 and "class 'stroma' is not one of background, dense, pink" in r.stderr, r.stderr
 
 
 def test_two_device_processes_score_each_slide_once_with_the_same_result(runs, tmp_path):

@@ -530,10 +530,15 @@ def score(
 @app.command()
 def report(
     out: Annotated[Path, typer.Argument(help="Folder written by xtpath score.", show_default=False)],
-    labels: Annotated[Optional[Path], typer.Option(help="Slides CSV with a label column: adds metrics, ROC and "
-                                                        "confusion plots.")] = None,
+    labels: Annotated[Optional[Path], typer.Option(help="Slides CSV of ground truth: a label column (classifier: "
+                                                        "accuracy, AUC, F1, ROC and confusion plots) or a mask "
+                                                        "column (segmenter: Dice and IoU per class).")] = None,
 ) -> None:
-    """Summarise scored slides; with --labels compute accuracy, balanced accuracy, AUC, F1 and plots."""
+    """Summarise scored slides; with --labels compute metrics on the slides the model did not train on.
+
+    A classifier's predictions are compared with the label column (accuracy, balanced accuracy, AUC, F1); a
+    segmenter's mask.ome.tif files with the mask column (QuPath GeoJSON or label images: Dice and IoU).
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -560,6 +565,10 @@ def report(
         m = rep["metrics"]
         console.print(f"on {rep['n_labelled']} held-out labelled slides: " + ", ".join(
             f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float)), soft_wrap=True)
+        if "dice_per_class" in m:
+            console.print("Dice per class: " + ", ".join(  # NaN: the class is in neither mask
+                f"{c} {d:.4f}" if d == d else f"{c} -" for c, d in zip(rep["classes"], m["dice_per_class"])),
+                soft_wrap=True)
         console.print(f"plots and report.json in {out / 'report'}", soft_wrap=True)
     elif labels is not None:
         console.print("no metrics: none of the labelled slides is both scored and held out from training",

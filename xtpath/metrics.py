@@ -93,6 +93,24 @@ def roc_and_confusion_plots(probs: np.ndarray, labels: np.ndarray, classes: Sequ
     return cm.tolist()
 
 
+def segmentation_plot(metrics: dict[str, Any], classes: Sequence[str], path: Path, *, title: str) -> None:
+    """Write a bar chart of per-class Dice and IoU (from :func:`segmentation_metrics`) to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = np.arange(len(classes))
+    ax.bar(x - 0.2, np.nan_to_num(metrics["dice_per_class"]), 0.4, label="Dice")
+    ax.bar(x + 0.2, np.nan_to_num(metrics["iou_per_class"]), 0.4, label="IoU")
+    ax.set_xticks(x, list(classes), rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend()
+    save_figure(fig, path)
+
+
 def jsonable(x: Any) -> Any:
     """Plain JSON values: NaN -> None, numpy scalars -> Python numbers."""
     if isinstance(x, dict):

@@ -47,15 +47,17 @@ def _task(out: Path, preds: list[dict[str, str]]) -> str:
 
 
 def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Summarise ``OUT_DIR/predictions.csv``; with a labelled slides CSV also compute metrics and write
-    ``OUT_DIR/report/report.json``, ``roc.png`` and ``confusion.png``.
+    """Summarise ``OUT_DIR/predictions.csv`` into ``OUT_DIR/report/report.json``; with a slides CSV of ground
+    truth also compute metrics on the slides the model did not train or validate on: for a classifier, against
+    the ``label`` column (``roc.png``, ``confusion.png``); for a segmenter, Dice and IoU of each ``mask.ome.tif``
+    against the ``mask`` column (``segmentation.png``).
 
     Raises
     ------
     InvalidParameterError
         No predictions in the folder.
     ManifestError
-        Labels that are not classes of the model.
+        Labels (or mask classes) that are not classes of the model, masks not found.
     """
     out = Path(out_dir)
     preds = read_predictions(out)
@@ -76,38 +78,107 @@ def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] |
                            "predicted_counts": counts, "seconds_per_slide": float(seconds.mean()),
                            "regions_per_slide": float(regions.mean())}
     if labels_csv is not None:
-        task = _task(out, preds)
-        if task != "classification":
-            raise InvalidParameterError(f"--labels {labels_csv}: metrics against labels are for classification; "
-                                        f"{out} holds {task} scores (Dice and IoU on held-out masks are in the "
-                                        "training run's report)")
-        table = read_slides_csv(labels_csv, check_files=False, require_path=False)
-        if not any(r.label for r in table):
-            raise ManifestError(f"{labels_csv}: no labels; --labels needs a CSV with slide_id,label columns")
-        rows = {r.slide_id: r for r in table if r.label}  # unlabelled rows are left out
-        rep["labelled_not_scored"] = sorted(set(rows) - {p["slide_id"] for p in preds})
-        index = {c: i for i, c in enumerate(classes)}
-        bad = [f"{r.where}: label {r.label!r} is not a class of the model ({', '.join(classes)})"
-               for r in rows.values() if r.label not in index]
-        if bad:
-            raise ManifestError("\n".join(bad))
-        known = [p for p in preds if p["slide_id"] in rows]
-        seen, splits_file = _seen_in_training(out)
-        if seen:
-            rep["excluded_seen"] = sum(p["slide_id"] in seen for p in known)
-            rep["splits_file"] = str(splits_file)
-            known = [p for p in known if p["slide_id"] not in seen]
-        if known:
-            P = np.array([[float(p[f"p_{c}"]) for c in classes] for p in known])
-            Y = np.array([index[rows[p["slide_id"]].label] for p in known])  # type: ignore[index]
-            rep["n_labelled"] = len(known)
-            rep["metrics"] = classification_metrics(P, Y, len(classes))
-            folder = out / "report"
-            folder.mkdir(exist_ok=True)
-            rep["metrics"]["confusion_matrix"] = roc_and_confusion_plots(P, Y, classes, folder, title="scored")
+        if _task(out, preds) == "segmentation":
+            _segmentation_report(out, preds, classes, Path(labels_csv), rep)
+        else:
+            _classification_report(out, preds, classes, Path(labels_csv), rep)
     (out / "report").mkdir(exist_ok=True)
     if "metrics" not in rep:  # plots of an earlier report would contradict this one
-        for name in ("roc.png", "confusion.png"):
+        for name in ("roc.png", "confusion.png", "segmentation.png"):
             (out / "report" / name).unlink(missing_ok=True)
     write_json(out / "report" / "report.json", jsonable(rep))
     return rep
+
+
+def _held_out(out: Path, preds: list[dict[str, str]], labelled: set[str], rep: dict[str, Any]) -> list[dict[str, str]]:
+    """The scored slides with ground truth, less those the model trained or validated on (noted in ``rep``)."""
+    rep["labelled_not_scored"] = sorted(labelled - {p["slide_id"] for p in preds})
+    known = [p for p in preds if p["slide_id"] in labelled]
+    seen, splits_file = _seen_in_training(out)
+    if seen:
+        rep["excluded_seen"] = sum(p["slide_id"] in seen for p in known)
+        rep["splits_file"] = str(splits_file)
+        known = [p for p in known if p["slide_id"] not in seen]
+    return known
+
+
+def _classification_report(out: Path, preds: list[dict[str, str]], classes: list[str], labels_csv: Path,
+                           rep: dict[str, Any]) -> None:
+    """Accuracy, AUC, F1, ROC and confusion plots against the ``label`` column."""
+    table = read_slides_csv(labels_csv, check_files=False, require_path=False)
+    if not any(r.label for r in table):
+        raise ManifestError(f"{labels_csv}: no labels; --labels needs a CSV with slide_id,label columns")
+    rows = {r.slide_id: r for r in table if r.label}  # unlabelled rows are left out
+    index = {c: i for i, c in enumerate(classes)}
+    bad = [f"{r.where}: label {r.label!r} is not a class of the model ({', '.join(classes)})"
+           for r in rows.values() if r.label not in index]
+    if bad:
+        raise ManifestError("\n".join(bad))
+    known = _held_out(out, preds, set(rows), rep)
+    if known:
+        P = np.array([[float(p[f"p_{c}"]) for c in classes] for p in known])
+        Y = np.array([index[rows[p["slide_id"]].label] for p in known])  # type: ignore[index]
+        rep["n_labelled"] = len(known)
+        rep["metrics"] = classification_metrics(P, Y, len(classes))
+        folder = out / "report"
+        folder.mkdir(exist_ok=True)
+        rep["metrics"]["confusion_matrix"] = roc_and_confusion_plots(P, Y, classes, folder, title="scored")
+
+
+class _ScoredGrid:
+    """A scored slide's region grid on the slide's own cells, as :func:`xtpath.data.region_targets` reads it."""
+
+    def __init__(self, coords: np.ndarray, region_size: float) -> None:
+        self.region_size_level0 = region_size
+        self.grid = np.rint(np.asarray(coords, np.float64)[:, ::-1] / region_size).astype(np.int64)
+
+
+def _segmentation_report(out: Path, preds: list[dict[str, str]], classes: list[str], labels_csv: Path,
+                         rep: dict[str, Any]) -> None:
+    """Dice and IoU of each scored slide's ``mask.ome.tif`` against the ``mask`` column (GeoJSON or label image),
+    on the cells the model scored, painted on the same grid as training's held-out evaluation."""
+    import json
+
+    import h5py
+    import tifffile
+
+    from xtpath.data import region_targets
+    from xtpath.metrics import IGNORE_INDEX, segmentation_metrics, segmentation_plot
+
+    table = read_slides_csv(labels_csv, check_files=False, require_path=False)
+    rows = {r.slide_id: r for r in table if r.mask is not None}
+    if not rows:
+        raise ManifestError(f"{labels_csv}: no mask column; the slides were scored by a segmentation model: give a "
+                            "CSV with slide_id,mask columns (QuPath GeoJSON or label images)")
+    missing = [f"{r.where}: mask {r.mask} not found" for r in rows.values() if not r.mask.is_file()]  # type: ignore
+    if missing:
+        raise ManifestError("\n".join(missing))
+    known = _held_out(out, preds, set(rows), rep)
+    pred_cells, target_cells = [], []
+    for p in known:
+        folder = out / p["slide_id"]
+        rec = json.loads((folder / "prediction.json").read_text())
+        if "mask_scale" not in rec or "slide_dimensions" not in rec:
+            raise InvalidParameterError(f"{folder / 'prediction.json'}: scored by an older xtpath (no mask scale); "
+                                        "score again with --rescore to compare masks")
+        size, scale = float(rec["region_size_level0"]), float(rec["mask_scale"])
+        m = int(round(size / scale))
+        with h5py.File(folder / "regions.h5", "r") as f:
+            grid = _ScoredGrid(f["coords"][:], size)
+        mask = tifffile.imread(folder / "mask.ome.tif", series=0, level=0)
+        # each region's m x m cells of the predicted mask (255 beyond the mask's edge: not scored)
+        H, W = (grid.grid.max(axis=0) + 1) * m
+        full = np.full((max(H, mask.shape[0]), max(W, mask.shape[1])), 255, np.uint8)
+        full[:mask.shape[0], :mask.shape[1]] = mask
+        cells = np.stack([full[r * m:(r + 1) * m, c * m:(c + 1) * m] for r, c in grid.grid])
+        target = region_targets(rows[p["slide_id"]], grid, classes, m,  # type: ignore[arg-type]
+                                slide_dimensions=tuple(rec["slide_dimensions"]))
+        target[cells == 255] = IGNORE_INDEX
+        pred_cells.append(cells.astype(np.int64).ravel())
+        target_cells.append(target.ravel())
+    if known:
+        rep["n_labelled"] = len(known)
+        rep["metrics"] = segmentation_metrics(np.concatenate(pred_cells), np.concatenate(target_cells), len(classes))
+        folder = out / "report"
+        folder.mkdir(exist_ok=True)
+        segmentation_plot(rep["metrics"], classes, folder / "segmentation.png", title="scored slides")

@@ -432,8 +432,10 @@ def _score_outputs(sm: ScoreModel, row: SlideRow, sf: Any, cache_file: Path, pre
                "probs": {c: float(p) for c, p in zip(sm.classes, probs)}, "n_regions": int(len(sf)),
                "seconds": time.perf_counter() - t0, "task": sm.task, "classes": sm.classes,
                "slide_path": str(row.path), "slide_fingerprint": fingerprint,
-               "slide_mpp": list(slide.require_mpp()), "region_size_level0": size,
-               "model": str(sm.run_dir.resolve())}
+               "slide_mpp": list(slide.require_mpp()), "slide_dimensions": list(slide.dimensions),
+               "region_size_level0": size, "model": str(sm.run_dir.resolve())}
+        if label_mask is not None:
+            rec["mask_scale"] = mask_scale  # level-0 pixels per mask.ome.tif pixel
     write_json(folder / "prediction.json", rec)
     return rec
 

@@ -55,6 +55,7 @@ from xtpath.metrics import (
     roc_and_confusion_plots,
     save_figure,
     segmentation_metrics,
+    segmentation_plot,
 )
 
 __all__ = ["TrainConfig", "load_config", "train", "evaluate", "classification_metrics", "segmentation_metrics"]
@@ -840,15 +841,7 @@ def _write_split_outputs(out_dir: Path, ev: dict[str, Any], prep: _Prepared, cfg
         write_text(out_dir / "predictions.csv", "\n".join(lines) + "\n")
         result["metrics"]["confusion_matrix"] = cm
     elif cfg.task == "segmentation" and "dice_per_class" in ev:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        x = np.arange(len(prep.classes))
-        ax.bar(x - 0.2, np.nan_to_num(ev["dice_per_class"]), 0.4, label="Dice")
-        ax.bar(x + 0.2, np.nan_to_num(ev["iou_per_class"]), 0.4, label="IoU")
-        ax.set_xticks(x, prep.classes, rotation=30, ha="right")
-        ax.set_ylim(0, 1)
-        ax.set_title("Segmentation per class")
-        ax.legend()
-        save_figure(fig, out_dir / "segmentation.png")
+        segmentation_plot(ev, prep.classes, out_dir / "segmentation.png", title="Segmentation per class")
     result["classes"] = prep.classes
     write_json(out_dir / "report.json", jsonable(result))
 
