@@ -321,8 +321,24 @@ def test_k_fold_cross_validation(tmp_path):
     assert sum(f["n_test"] for f in rep["folds"]) == 12
     for k in range(3):
         assert (tmp_path / "cv" / f"fold{k}" / "model.safetensors").exists()
-    summary = json.loads((tmp_path / "cv" / "report.json").read_text())["summary"]
+    report = json.loads((tmp_path / "cv" / "report.json").read_text())
+    summary = report["summary"]
     assert len(summary["accuracy"]["folds"]) == 3
+    # out of fold: every slide once, from the fold whose test part held it, with that fold's probabilities
+    with open(tmp_path / "cv" / "splits.csv") as f:
+        tested_in = {r["slide_id"]: next(k for k, v in r.items() if v == "test") for r in csv.DictReader(f)}
+    with open(tmp_path / "cv" / "predictions.csv") as f:
+        oof = list(csv.DictReader(f))
+    assert sorted(r["slide_id"] for r in oof) == sorted(tested_in) and len(oof) == 12
+    for r in oof:
+        assert r["fold"] == tested_in[r["slide_id"]]
+        with open(tmp_path / "cv" / r["fold"] / "predictions.csv") as f:
+            own = next(x for x in csv.DictReader(f) if x["slide_id"] == r["slide_id"])
+        assert {k: own[k] for k in own} == {k: r[k] for k in own}
+    pooled = report["out_of_fold"]["metrics"]
+    assert pooled["accuracy"] == pytest.approx(np.mean([r["predicted"] == r["label"] for r in oof]))
+    assert sum(map(sum, pooled["confusion_matrix"])) == 12
+    assert (tmp_path / "cv" / "roc.png").exists() and (tmp_path / "cv" / "confusion.png").exists()
     # a second run into the same folder would leave stale folds for score to average: refused
     with pytest.raises(InvalidParameterError, match="already holds a run; pass --resume"):
         train(csv_path, tmp_path / "cv", _cfg(cache=str(tmp_path / "cache"), epochs=1, folds=4, context="mean"),

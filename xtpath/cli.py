@@ -467,6 +467,11 @@ def train(
             part = report.get("evaluated_on", "test")
             where = f"on the {part} split ({report.get('n_' + part, '?')} slides)"
         typer.echo(f"done: {where}: {shown} -> {out}")
+        if "out_of_fold" in report:
+            oof = report["out_of_fold"]
+            pooled = ", ".join(f"{k} {v:.4f}" for k, v in oof["metrics"].items() if isinstance(v, float))
+            typer.echo(f"out of fold (each of {oof['n_slides']} slides predicted by the fold that tested it): "
+                       f"{pooled} -> {out / 'predictions.csv'}")
 
 
 class _ScoreProgress(_ExtractProgress):

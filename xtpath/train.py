@@ -10,7 +10,8 @@ One run folder holds everything a person or ``xtpath score`` needs:
     RUN_DIR/last/state.pt          last epoch: model, optimizer, scheduler, RNG (loaded with weights_only=True)
     RUN_DIR/metrics.csv            one row per epoch
     RUN_DIR/report.json, *.png     test metrics, predictions, loss curves, ROC curves, confusion matrix
-    RUN_DIR/fold<k>/...            the same per fold with --folds K (RUN_DIR/report.json then aggregates)
+    RUN_DIR/fold<k>/...            the same per fold with --folds K (RUN_DIR/report.json then aggregates, and
+                                   RUN_DIR/predictions.csv holds each slide from the fold that tested it)
 
 Determinism: every random draw of an epoch (slide order, grid symmetries, dropout) is seeded from
 ``(seed, epoch)``, so ``--resume`` after a kill reproduces an uninterrupted run on CPU, and a DDP run draws the
@@ -595,7 +596,7 @@ class _EpochBar:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bar = Progress(TextColumn(f"[bold]epoch {epoch + 1}/{epochs}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[val]}"),
+                            TextColumn("mean loss {task.fields[loss]}"), TextColumn("{task.fields[val]}"),
                             TimeElapsedColumn(), console=Console(stderr=True), transient=False)
         self.task = self.bar.add_task("train", total=total, loss="-", val=last_val)
         self.bar.start()
@@ -716,7 +717,7 @@ def _fit_split(prep: _Prepared, split: Split, cfg: TrainConfig, out_dir: Path, d
                     (loss_t / group_size).backward()
                     loss = float(loss_t.detach())
             losses.append(loss)
-            bar.step(loss)
+            bar.step(float(np.mean(losses)))  # the epoch's mean so far: it ends at metrics.csv's train_loss
             if last_in_group:
                 if runner is not None and dist.enabled:
                     runner.all_reduce_grads(dist.world)
@@ -891,6 +892,8 @@ def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg
             results.append(_fit_split(prep, split, cfg, out, device, dist, resume, show_progress, say))
         report: dict[str, Any] = results[0] if len(results) == 1 else _aggregate(results)
         if dist.main and len(results) > 1:
+            if cfg.task == "classification":
+                report["out_of_fold"] = _out_of_fold(run, prep)
             write_json(run / "report.json", jsonable(report))
         return report
     except BaseException:
@@ -964,6 +967,28 @@ def _write_splits(path: Path, prep: _Prepared) -> None:
     for i, r in enumerate(prep.rows):
         w.writerow([r.slide_id, r.label or "", *[p[i] for p in parts]])
     write_text(path, buf.getvalue())
+
+
+def _out_of_fold(run: Path, prep: _Prepared) -> dict[str, Any]:
+    """Cross-validation's pooled view: every slide as predicted by the fold that held it out for testing, in
+    ``RUN_DIR/predictions.csv`` (with its fold), with metrics over all of them and ``roc.png``/``confusion.png``.
+    Fold means weigh a fold of 3 slides like one of 30; these weigh every slide once."""
+    lines = ["slide_id,fold,label,predicted," + ",".join(f"p_{c}" for c in prep.classes)]
+    probs, labels = [], []
+    index = {c: i for i, c in enumerate(prep.classes)}
+    for split in prep.splits:
+        with open(run / split.name / "predictions.csv", newline="") as f:
+            for r in csv.DictReader(f):
+                p = [float(r[f"p_{c}"]) for c in prep.classes]
+                probs.append(p)
+                labels.append(index[r["label"]])
+                lines.append(f"{r['slide_id']},{split.name},{r['label']},{r['predicted']}," +
+                             ",".join(f"{v:.6f}" for v in p))
+    write_text(run / "predictions.csv", "\n".join(lines) + "\n")
+    P, Y = np.array(probs), np.array(labels)
+    metrics = classification_metrics(P, Y, len(prep.classes))
+    metrics["confusion_matrix"] = roc_and_confusion_plots(P, Y, prep.classes, run, title="out-of-fold")
+    return {"n_slides": len(Y), "metrics": metrics}
 
 
 def _aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
