@@ -347,6 +347,15 @@ def test_k_fold_cross_validation(tmp_path):
     from xtpath.score import load_run
 
     assert load_run(tmp_path / "cv" / "fold1").classes == load_run(tmp_path / "cv").classes
+    # scores of one fold's model are reported on that fold's test slides only: its train and val parts are in
+    # the CV root's splits.csv, under the fold's column (these synthetic slides have no pixels to score)
+    from xtpath.report import _seen_in_training
+
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "s1" / "score.json").write_text(json.dumps({"model": str(tmp_path / "cv" / "fold1")}))
+    seen, where = _seen_in_training(tmp_path / "s1")
+    assert where == tmp_path / "cv" / "splits.csv"
+    assert seen == {i for i in tested_in if tested_in[i] != "fold1"} and len(seen) < 12
 
 
 def test_bad_inputs_stop_before_training(demo, tmp_path):
@@ -418,7 +427,17 @@ def test_bad_options_stop_before_a_run_folder_is_made(demo, tmp_path):
                     ({"folds": 2}, "needs at least 3 folds"), ({"val_fraction": 1.0}, "below 1"),
                     ({"weights": str(tmp_path / "nope.safetensors")}, "nope.safetensors: no such file"),
                     ({"context_options": {"d_model": 32, "n_layer": 1}},
-                     "context_options: unknown option.s. n_layer; valid: .*n_layers")]:
+                     "context_options: unknown option.s. n_layer; valid: .*n_layers"),
+                    ({"head_options": {"foo": 1}}, "head_options: unknown option.s. foo; valid: .*upsample"),
+                    ({"context_options": {"d_model": 30}}, "context.d_model must be a positive multiple of 4"),
+                    ({"monitor": "aucc"}, "monitor='aucc': for classification use one of auto, auc, "),
+                    ({"task": "segmentation", "monitor": "auc"}, "for segmentation use one of auto, dice, iou"),
+                    ({"classes": "apart"}, "classes='apart': expected a list of class names"),
+                    ({"patience": 0}, "patience=0 must be at least 1"),
+                    ({"min_tissue": 2.0}, "min_tissue=2.0 must be a fraction from 0 to 1"),
+                    ({"warmup_epochs": -3.0}, "warmup_epochs=-3.0 must be 0 or more"),
+                    ({"features": "foo"}, "features='foo': use pooled .* or tokens"),
+                    ({"region_px": 128.5}, "region_px=128.5 must be a positive whole number of pixels")]:
         with pytest.raises(InvalidParameterError, match=msg):
             _cfg(**kw)
     r = _run_cli("train", csv_path, "--out", tmp_path / "run", "--cache", root / "cache", "--lr", "-1")
@@ -427,7 +446,11 @@ def test_bad_options_stop_before_a_run_folder_is_made(demo, tmp_path):
     for text, msg in [("epochs: three\n", r"epochs: .three. is not a whole number \(e.g. epochs: "),
                       ("epochs: 2.5\n", "epochs: 2.5 is not a whole number"),
                       ("lr: fast\n", "lr: .fast. is not a number"),
-                      ("balanced_sampling: 3\n", "balanced_sampling: 3 is not true or false")]:
+                      ("balanced_sampling: 3\n", "balanced_sampling: 3 is not true or false"),
+                      ("context_options: {d_model: abc}\n", r"context_options.d_model: .abc. is not a whole number"),
+                      ("context_options: {dropout: high}\n", r"context_options.dropout: .high. is not a number"),
+                      ("context_options: {scan_chunk: 1.5}\n", "context_options.scan_chunk: 1.5 is not a whole"),
+                      ("encoder_px: big\n", "encoder_px='big' must be a positive whole number of pixels")]:
         (tmp_path / "c.yaml").write_text(text)
         r = _run_cli("train", csv_path, "--out", tmp_path / "run", "--cache", root / "cache", "--config",
                      tmp_path / "c.yaml")

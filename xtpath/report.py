@@ -25,12 +25,18 @@ def _seen_in_training(out: Path) -> tuple[set[str], Path | None]:
 
     try:
         run = Path(json.loads((out / "score.json").read_text())["model"])
-        with open(run / "splits.csv", newline="") as f:
+        splits, only = run / "splits.csv", None
+        if not splits.exists() and (run.parent / "splits.csv").exists():  # one fold of a CV run: its column
+            splits, only = run.parent / "splits.csv", run.name
+        with open(splits, newline="") as f:
             table = list(csv.DictReader(f))
     except (OSError, ValueError, KeyError, TypeError):
         return set(), None
+    if only is not None and table and only not in table[0]:
+        return set(), None
     return {r["slide_id"] for r in table
-            if any(v in ("train", "val") for k, v in r.items() if k not in ("slide_id", "label"))}, run / "splits.csv"
+            if any(v in ("train", "val") for k, v in r.items() if k not in ("slide_id", "label")
+                   and (only is None or k == only))}, splits
 
 
 def _task(out: Path, preds: list[dict[str, str]]) -> str:

@@ -518,6 +518,8 @@ def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_
     ``I, I+N, ...`` (for array jobs). ``OUT_DIR/score.json`` names the model; an ``OUT_DIR`` holding another
     model's predictions is refused. ``weights``: see :func:`load_run`.
     """
+    if batch_size is not None and batch_size < 1:
+        raise InvalidParameterError(f"--batch-size {batch_size}: must be at least 1 (regions per encoder batch)")
     out = Path(out_dir)
     cache = Path(cache_dir) if cache_dir else out / "cache"
     progress = progress or (lambda e, d: None)

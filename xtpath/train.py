@@ -63,6 +63,8 @@ __all__ = ["TrainConfig", "load_config", "train", "evaluate", "classification_me
 
 TASKS = ("classification", "segmentation")
 MODES = ("cached", "end2end")
+MONITORS = {"classification": ("auto", "auc", "balanced_accuracy", "accuracy", "f1", "loss"),
+            "segmentation": ("auto", "dice", "iou", "accuracy", "loss")}
 
 
 @dataclass
@@ -168,28 +170,38 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
         data[k] = _config_value(path, k, data[k], getattr(defaults, k))
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**data)
-    if not isinstance(cfg.context_options, dict):
-        raise InvalidParameterError(f"context_options={cfg.context_options!r}: expected a mapping, e.g. "
-                                    "{d_model: 256, n_layers: 4}")
-    from xtpath.models.config import ContextConfig
-
-    ctx_names = {f.name for f in fields(ContextConfig)} - {"name"}
-    bad = sorted(set(cfg.context_options) - ctx_names)
-    if bad:
-        raise InvalidParameterError(f"context_options: unknown option(s) {', '.join(map(str, bad))}; valid: "
-                                    f"{', '.join(sorted(ctx_names))}")
+    _check_model_options(path, cfg)
     if cfg.task not in TASKS:
         raise InvalidParameterError(f"task={cfg.task!r}: use one of {', '.join(TASKS)}")
+    monitors = MONITORS[cfg.task]
+    if cfg.monitor not in monitors:
+        raise InvalidParameterError(f"monitor={cfg.monitor!r}: for {cfg.task} use one of {', '.join(monitors)}")
+    if cfg.features not in ("pooled", "tokens"):
+        raise InvalidParameterError(f"features={cfg.features!r}: use pooled (one vector per region) or tokens "
+                                    "(a token grid per region)")
+    if not (isinstance(cfg.classes, list) and all(isinstance(c, str) and c.strip() for c in cfg.classes)):
+        raise InvalidParameterError(f"classes={cfg.classes!r}: expected a list of class names in index order, "
+                                    "e.g. classes: [background, tumour, stroma]")
     if cfg.mode not in MODES:
         raise InvalidParameterError(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
     if cfg.e2e_backprop not in ("bounded", "full"):
         raise InvalidParameterError(f"e2e_backprop={cfg.e2e_backprop!r}: use bounded or full")
     if not 0 <= int(cfg.seed) < 2**32:
         raise InvalidParameterError(f"seed={cfg.seed!r} must be a whole number from 0 to 2**32 - 1")
-    for name in ("epochs", "accumulate", "e2e_chunk"):
+    for name in ("epochs", "accumulate", "e2e_chunk", "patience"):
         if int(getattr(cfg, name)) < 1:
             raise InvalidParameterError(f"{name}={getattr(cfg, name)!r} must be at least 1")
-    for name, example in (("lr", "2e-4"), ("target_mpp", "0.5"), ("region_px", "256")):
+    for name in ("region_px", "encoder_px"):
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 1
+                                  or value != int(value)):
+            raise InvalidParameterError(f"{name}={value!r} must be a positive whole number of pixels (e.g. "
+                                        f"--{name.replace('_', '-')} 256)")
+    if not 0 <= float(cfg.min_tissue) <= 1:
+        raise InvalidParameterError(f"min_tissue={cfg.min_tissue!r} must be a fraction from 0 to 1 (e.g. 0.25)")
+    if float(cfg.warmup_epochs) < 0:
+        raise InvalidParameterError(f"warmup_epochs={cfg.warmup_epochs!r} must be 0 or more")
+    for name, example in (("lr", "2e-4"), ("target_mpp", "0.5")):
         value = getattr(cfg, name)
         if value is None:
             continue
@@ -214,6 +226,35 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
 
         cfg.weights = str(weights_path(cfg.weights))  # recorded absolute: the run is scored from anywhere
     return cfg
+
+
+def _check_model_options(path: Any, cfg: TrainConfig) -> None:
+    """``context_options`` and ``head_options``: known names, values of each field's type, values the model
+    accepts (its own range checks), each problem as one line naming the option."""
+    from xtpath.models.config import ContextConfig, HeadConfig
+
+    for name, kind, example in (("context_options", ContextConfig, "{d_model: 256, n_layers: 4}"),
+                                ("head_options", HeadConfig, "{upsample: 4}")):
+        opts = getattr(cfg, name)
+        if not isinstance(opts, dict):
+            raise InvalidParameterError(f"{name}={opts!r}: expected a mapping, e.g. {example}")
+        known = {f.name: f for f in fields(kind) if f.name != "name"}
+        bad = sorted(map(str, set(opts) - set(known)))
+        if bad:
+            raise InvalidParameterError(f"{name}: unknown option(s) {', '.join(bad)}; valid: "
+                                        f"{', '.join(sorted(known))}")
+        for k in list(opts):
+            opts[k] = _config_value(path, f"{name}.{k}", opts[k], _typed_default(kind(), known[k]))
+        kind(**({"name": cfg.context} if kind is ContextConfig else {}), **opts)  # its own range checks
+
+
+def _typed_default(obj: Any, f: Any) -> Any:
+    """A field's default, or for an optional number (``int | None``) a number of its type to check against."""
+    value = getattr(obj, f.name)
+    if value is None:
+        t = str(f.type)
+        return 0 if t.startswith("int") else 0.0 if t.startswith("float") else None
+    return value
 
 
 def _config_value(path: Any, name: str, value: Any, default: Any) -> Any:
