@@ -457,3 +457,36 @@ def test_a_scored_slide_id_given_another_file_is_not_skipped_silently(runs, tmp_
     s = score_slides(read_slides_csv(swapped), root / "cls", out, cache_dir=root / "traincache", rescore=True)
     assert "made from another file" in s.failed[rows[0].slide_id]
     assert [p["slide_id"] for p in _predictions(out)] == [rows[1].slide_id]
+
+
+def test_a_run_on_adopted_caches_extracts_new_slides_the_same_way(runs, tmp_path):
+    """Train on caches made elsewhere (tokens, min_tissue 0.6, edge drop, hilbert order): the run's extract.json
+    holds that whole recipe, so score (no --cache) and extract --like build identical caches for new slides."""
+    root, csv_path = runs
+    rows = read_slides_csv(csv_path)
+    made = ExtractConfig(**ENC, features="tokens", min_tissue=0.6, edge="drop", order="hilbert",
+                         tissue_preset="biopsy", num_workers=0)
+    extract_slides(rows, tmp_path / "own", made)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        train(csv_path, tmp_path / "run", load_config(None, {"device": "cpu", "epochs": 1, "context": "mean",
+                                                             "cache": str(tmp_path / "own")}),
+              show_progress=False, log=lambda m: None)
+    rec = json.loads((tmp_path / "run" / "extract.json").read_text())
+    assert {k: rec[k] for k in ("features", "min_tissue", "edge", "order", "tissue_preset", "encoder_px")} == \
+        {"features": "tokens", "min_tissue": 0.6, "edge": "drop", "order": "hilbert", "tissue_preset": "biopsy",
+         "encoder_px": 64}
+    # score builds its own cache for a slide (none given): the same features as the adopted cache
+    s = score_slides(rows[:1], tmp_path / "run", tmp_path / "out")
+    assert s.scored == [rows[0].slide_id] and not s.failed
+    a = load_features(tmp_path / "own" / f"{rows[0].slide_id}.h5")
+    b = load_features(tmp_path / "out" / "cache" / f"{rows[0].slide_id}.h5")
+    assert a.features.shape == b.features.shape and np.array_equal(a.coords, b.coords)
+    assert np.allclose(np.asarray(a.features, np.float32), np.asarray(b.features, np.float32), atol=1e-3)
+    # extract --like the run: the same
+    r = _xtpath("extract", csv_path, "--out", tmp_path / "like", "--like", tmp_path / "run", "--only",
+                rows[1].slide_id, "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    c = load_features(tmp_path / "like" / f"{rows[1].slide_id}.h5")
+    d = load_features(tmp_path / "own" / f"{rows[1].slide_id}.h5")
+    assert np.array_equal(c.coords, d.coords) and c.settings["tissue"] == d.settings["tissue"]

@@ -122,6 +122,31 @@ def encoder_settings(cfg: ExtractConfig) -> dict[str, Any]:
     return {"encoder": cfg.encoder, "weights_sha256": sha, "features_kind": cfg.features, "encoder_px": int(px)}
 
 
+def config_of_cache(settings: dict[str, Any], weights: str | None = None) -> ExtractConfig:
+    """The extraction settings that made a cache with these ``settings`` (its stored key), for a run that adopts
+    existing caches to extract more slides the same way. ``weights``: the encoder's weights file, which a cache
+    names only by its SHA-256 (random-init weights are rebuilt from their seed)."""
+    from xtpath.tissue import PRESETS
+
+    tissue = settings.get("tissue") or {}
+    params = tissue.get("params") or {}
+    preset, mode = "default", str(params.get("mode", "auto"))
+    for name in PRESETS:  # the preset whose parameters these are (a cache stores them resolved)
+        if asdict(tissue_params(name, mode=mode)) == params:
+            preset = name
+            break
+    sha = str(settings.get("weights_sha256", ""))
+    seed = int(sha.split("seed=")[1]) if sha.startswith("random-init:seed=") else 0
+    return ExtractConfig(encoder=str(settings["encoder"]), weights=weights,
+                         features=str(settings.get("features_kind", "pooled")),
+                         target_mpp=float(settings["target_mpp"]), region_px=int(settings["region_px"]),
+                         encoder_px=int(settings["encoder_px"]) if settings.get("encoder_px") else None,
+                         tissue_preset=preset, tissue_mode=mode,
+                         min_tissue=float(tissue.get("min_tissue", ExtractConfig.min_tissue)),
+                         edge=str(tissue.get("edge", ExtractConfig.edge)),
+                         order=str(settings.get("order", ExtractConfig.order)), seed=seed)
+
+
 def wanted_settings(cfg: ExtractConfig, enc: dict[str, Any], slide_mpp: tuple[float, float]) -> dict[str, Any]:
     """Everything that identifies a slide's cache (see :data:`xtpath.cache.KEY_FIELDS`)."""
     from xtpath.cache import SCHEMA_VERSION

@@ -65,6 +65,11 @@ class ScoreModel:
         e = self.extract
         fields = {k: e[k] for k in ExtractConfig.__dataclass_fields__ if k in e}
         w = fields.get("weights")
+        sha = str(e.get("weights_sha256") or "")
+        if not w and sha and not sha.startswith("random-init"):
+            raise CheckpointError(f"{self.run_dir / 'extract.json'}: the run names its region encoder weights only "
+                                  f"by SHA-256 ({sha[:16]}...); pass --weights FILE (that file) to extract the "
+                                  "missing caches")
         if w and not Path(w).is_file():
             raise CheckpointError(f"{self.run_dir / 'extract.json'}: the region encoder weights {w} are not on this "
                                   "machine; pass --weights FILE (the same file, SHA-256 "

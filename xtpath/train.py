@@ -397,7 +397,7 @@ def _check_label_spellings(rows: Sequence[SlideRow], found: Sequence[str]) -> No
 
 
 def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable[[str], None]) -> _Prepared:
-    from xtpath.extract import ExtractConfig, encoder_settings, extract_slides
+    from xtpath.extract import ExtractConfig, config_of_cache, encoder_settings, extract_slides
 
     rows = read_slides_csv(csv_path, require_labels=cfg.task == "classification",
                            require_masks=cfg.task == "segmentation")
@@ -449,7 +449,12 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             cfg.features = str(s0.get("features_kind", cfg.features))
             cfg.target_mpp, cfg.region_px = float(s0["target_mpp"]), int(s0["region_px"])
             cfg.encoder_px = int(s0["encoder_px"])
-            write_json(run_dir / "extract.json", {**enc_settings, "target_mpp": cfg.target_mpp,
+            # the whole extraction recipe of these caches (tissue, edge, order, feature kind), so that score and
+            # extract --like build new slides' caches the same way; the weights file is named only by its
+            # SHA-256 in a cache: from --weights, or kept from this run's earlier extract.json (--resume)
+            weights = cfg.weights or _earlier_weights(run_dir / "extract.json", s0.get("weights_sha256"))
+            ecfg = config_of_cache(s0, weights)
+            write_json(run_dir / "extract.json", {**asdict(ecfg), **enc_settings, "target_mpp": cfg.target_mpp,
                                                   "region_px": cfg.region_px, "cache": str(cache),
                                                   "tissue": s0.get("tissue")})
     else:
@@ -487,6 +492,18 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
     else:
         in_shape = ()
     return _Prepared(rows, classes, labels, files, splits, in_shape, enc_settings)
+
+
+def _earlier_weights(extract_json: Path, sha: Any) -> str | None:
+    """The weights file this run's earlier ``extract.json`` names, when it still has the caches' SHA-256."""
+    import json
+
+    try:
+        prev = json.loads(extract_json.read_text())
+    except (OSError, ValueError):
+        return None
+    w = prev.get("weights") if isinstance(prev, dict) else None
+    return str(w) if w and prev.get("weights_sha256") == sha else None
 
 
 def _check_cache_encoders(rows: Sequence[SlideRow], files: Sequence[Path], enc: dict[str, Any]) -> None:
