@@ -453,10 +453,26 @@ def test_a_scored_slide_id_given_another_file_is_not_skipped_silently(runs, tmp_
     with pytest.raises(InvalidParameterError, match=rf"swapped.csv:2: {rows[0].slide_id} was scored from .* is "
                                                     r"another file\nscore them again with --rescore"):
         score_slides(read_slides_csv(swapped), root / "cls", out, cache_dir=root / "traincache")
-    # --rescore scores it again, and the cache made from the other file is refused for that slide
+    # --rescore scores it again; a shared cache made from the other file is refused for that slide, and the
+    # slide's folder then holds only the failure (the earlier result's heatmap and regions went with its row)
     s = score_slides(read_slides_csv(swapped), root / "cls", out, cache_dir=root / "traincache", rescore=True)
     assert "made from another file" in s.failed[rows[0].slide_id]
     assert [p["slide_id"] for p in _predictions(out)] == [rows[1].slide_id]
+    assert sorted(p.name for p in (out / rows[0].slide_id).iterdir()) == ["prediction.json"]
+    assert json.loads((out / rows[0].slide_id / "prediction.json").read_text())["status"] == "failed"
+    # with the score's own cache (no --cache), --rescore extracts the new file again and scores it
+    own = tmp_path / "own"
+    score_slides(rows[:1], root / "cls", own)
+    before = _predictions(own)[0]
+    with pytest.raises(InvalidParameterError, match="score them again with --rescore"):
+        score_slides(read_slides_csv(swapped), root / "cls", own)
+    s = score_slides(read_slides_csv(swapped), root / "cls", own, rescore=True)
+    assert s.scored == [rows[0].slide_id] and not s.failed
+    after = _predictions(own)[0]
+    other = next(p for p in _predictions(out) if p["slide_id"] == rows[1].slide_id)  # the file's own scores
+    assert after["p_touch"] == other["p_touch"] and after["p_touch"] != before["p_touch"]
+    rec = json.loads((own / rows[0].slide_id / "prediction.json").read_text())
+    assert rec["slide_path"] == str(rows[1].path)
 
 
 def test_a_run_on_adopted_caches_extracts_new_slides_the_same_way(runs, tmp_path):

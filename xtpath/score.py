@@ -213,6 +213,22 @@ def _drop_predictions(out: Path, classes: Sequence[str], ids: set[str]) -> None:
             tmp.write_text("\n".join(keep) + "\n")
 
 
+def _drop_caches_of_other_files(cache: Path, rows: Sequence[SlideRow]) -> None:
+    """``--rescore`` with the score's own cache (``OUT_DIR/cache``): a slide's cache made from another file
+    (the slide_id now names a new file) is deleted, so that it is extracted again. A cache given with --cache
+    may be shared and is left alone (scoring then says which file to delete)."""
+    for r in rows:
+        f = cache_path(cache, r.slide_id)
+        if not f.exists() or not Path(r.path).exists():
+            continue
+        try:
+            known = (read_settings(f) or {}).get("slide_fingerprint")
+        except CacheError:
+            known = None
+        if known and known != file_fingerprint(r.path):
+            f.unlink(missing_ok=True)
+
+
 def _prediction_line(rec: dict[str, Any], classes: Sequence[str]) -> str:
     """A slide's ``predictions.csv`` line from its prediction record (columns of :func:`_header`)."""
     return ",".join([rec["slide_id"], rec["predicted"], *[f"{rec['probs'][c]:.6f}" for c in classes],
@@ -487,9 +503,15 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
 
 
 def _write_failed_record(out: Path, row: SlideRow, error: str, msg: str) -> None:
-    write_json(out / row.slide_id / "prediction.json", {"slide_id": row.slide_id, "status": "failed",
-                                                        "error": error, "message": msg,
-                                                        "time": failure_time()})
+    """``OUT_DIR/<slide_id>/`` holding only the failure's ``prediction.json``: the outputs of an earlier
+    result of this slide go with it (they no longer describe its state)."""
+    final, folder = out / row.slide_id, out / f".{row.slide_id}.partial"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    write_json(folder / "prediction.json", {"slide_id": row.slide_id, "status": "failed", "error": error,
+                                            "message": msg, "time": failure_time()})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(folder, final)
 
 
 def _record_score_failure(out: Path, row: SlideRow, msg: str, error: str) -> None:
@@ -536,6 +558,8 @@ def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_
     _claim_out_dir(sm, out)
     if rescore:
         _drop_predictions(out, sm.classes, {r.slide_id for r in rows})
+        if cache.resolve() == (out / "cache").resolve():
+            _drop_caches_of_other_files(cache, rows)
     else:
         _check_scored_files(out, sm.classes, rows)
     if len(devices) <= 1:
