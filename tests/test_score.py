@@ -27,7 +27,7 @@ from xtpath.io.tiffwriter import read_label_names
 from xtpath.score import parse_shard, score_slides, shard_rows
 from xtpath.train import load_config, train
 
-from .conftest import CORRUPT_SLIDE
+from .conftest import CORRUPT_SLIDE, REAL_SLIDES
 
 ROOT = Path(__file__).resolve().parents[1]
 ENC = {"encoder": "test_convnext", "encoder_px": 64, "region_px": 128, "target_mpp": 1.0}
@@ -129,7 +129,7 @@ def test_segmentation_outputs(runs, tmp_path):
         for f in fc["features"]:
             assert f["properties"]["objectType"] == "annotation"
             xs = np.array([pt for ring in f["geometry"]["coordinates"] for pt in ring])
-            assert xs.min() >= 0 and xs[:, 0].max() <= slide.dimensions[0] + 256
+            assert xs.min() >= 0 and xs[:, 0].max() <= slide.dimensions[0] and xs[:, 1].max() <= slide.dimensions[1]
     assert _xtpath("report", out).returncode == 0
 
 
@@ -237,6 +237,14 @@ def test_report_with_labels(runs, tmp_path):
     assert r.returncode == 0 and "no metrics: none of the labelled slides" in r.stdout, r.stdout
     assert "metrics" not in json.loads((out / "report" / "report.json").read_text())
     assert not (out / "report" / "roc.png").exists() and not (out / "report" / "confusion.png").exists()
+    # a labels file that is not there, or without slide_id: one line saying what --labels needs
+    r = _xtpath("report", out, "--labels", tmp_path / "nofile.csv")
+    assert r.returncode == 1 and r.stderr.strip() == f"error: --labels {tmp_path / 'nofile.csv'}: no such file; " \
+        "give a CSV with slide_id,label columns (a classifier's scores) or slide_id,mask (a segmenter's)", r.stderr
+    (tmp_path / "l.csv").write_text("id,lab\nx,touch\n")
+    r = _xtpath("report", out, "--labels", tmp_path / "l.csv")
+    assert r.returncode == 1 and r.stderr.strip() == "error: l.csv:1: missing column(s) slide_id (found: id, lab); " \
+        "the header needs slide_id", r.stderr
     # a training run's folder is not a score folder
     r = _xtpath("report", root / "cls")
     assert r.returncode == 1 and "not a folder written by xtpath score" in r.stderr, r.stderr
@@ -506,3 +514,23 @@ def test_a_run_on_adopted_caches_extracts_new_slides_the_same_way(runs, tmp_path
     c = load_features(tmp_path / "like" / f"{rows[1].slide_id}.h5")
     d = load_features(tmp_path / "own" / f"{rows[1].slide_id}.h5")
     assert np.array_equal(c.coords, d.coords) and c.settings["tissue"] == d.settings["tissue"]
+
+
+def test_region_polygons_stop_at_the_slide_border(runs, tmp_path):
+    """A real slide whose size is no multiple of the region: its padded edge regions are cut at the border in
+    regions.geojson (QuPath), while regions.h5 keeps the regions' own coordinates."""
+    root, _ = runs
+    path = REAL_SLIDES["CMU-1-Small-Region.svs"]
+    listing = tmp_path / "real.csv"
+    listing.write_text(f"slide_id,path\ncmu,{path}\n")
+    s = score_slides(read_slides_csv(listing), root / "cls", tmp_path / "out")
+    assert s.scored == ["cmu"], s.failed
+    W, H = open_slide(path).dimensions
+    fc = json.loads((tmp_path / "out" / "cmu" / "regions.geojson").read_text())
+    rings = [np.array(f["geometry"]["coordinates"][0]) for f in fc["features"]]
+    with h5py.File(tmp_path / "out" / "cmu" / "regions.h5") as f:
+        coords, size = f["coords"][:], float(f["coords"].attrs["patch_size_level0"])
+    assert (W % size) and (H % size) and (coords + size > [W, H]).any()  # some regions reach past the slide
+    for ring, (x, y) in zip(rings, coords):
+        assert ring.min(0) == pytest.approx([x, y], abs=0.01)  # GeoJSON keeps 2 decimals
+        assert ring.max(0) == pytest.approx([min(x + size, W), min(y + size, H)], abs=0.01)

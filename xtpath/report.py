@@ -84,6 +84,9 @@ def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] |
                            "predicted_counts": counts, "seconds_per_slide": float(seconds.mean()),
                            "regions_per_slide": float(regions.mean())}
     if labels_csv is not None:
+        if not Path(labels_csv).is_file():
+            raise InvalidParameterError(f"--labels {labels_csv}: no such file; give a CSV with slide_id,label "
+                                        "columns (a classifier's scores) or slide_id,mask (a segmenter's)")
         if _task(out, preds) == "segmentation":
             _segmentation_report(out, preds, classes, Path(labels_csv), rep)
         else:

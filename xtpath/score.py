@@ -299,18 +299,20 @@ def _write_region_h5(path: Path, coords: np.ndarray, grid: np.ndarray, probs: np
 
 
 def _write_geojson(path: Path, sm: ScoreModel, coords: np.ndarray, probs: np.ndarray, size: float,
-                   label_mask: np.ndarray | None, mask_scale: float) -> None:
+                   label_mask: np.ndarray | None, mask_scale: float, slide_wh: tuple[int, int]) -> None:
+    """Regions (or the segmentation's polygons) in level-0 pixels, cut at the slide's border."""
     from xtpath.io.geojson import mask_polygons, polygon_feature, tile_features, write_geojson
 
     colors = region_colors(len(sm.classes))
+    bounds = (float(slide_wh[0]), float(slide_wh[1]))
     if label_mask is None:
-        feats = tile_features(coords, size, probs, sm.classes, colors)
+        feats = tile_features(coords, size, probs, sm.classes, colors, clip_xy=bounds)
     else:
         feats = []
         for c, name in enumerate(sm.classes):
             if c == 0:
                 continue  # background
-            for poly in mask_polygons(label_mask == c, (mask_scale, mask_scale), exact=True):
+            for poly in mask_polygons(label_mask == c, (mask_scale, mask_scale), exact=True, clip_xy=bounds):
                 feats.append(polygon_feature(poly, object_type="annotation", name=name, color=colors[c]))
     write_geojson(path, feats)
 
@@ -446,7 +448,8 @@ def _score_outputs(sm: ScoreModel, row: SlideRow, sf: Any, cache_file: Path, pre
                                compression="zlib", ome=True, min_size=64,
                                ome_metadata=label_names_metadata(names, f"{row.slide_id} segmentation"))
         _write_region_h5(folder / "regions.h5", sf.coords, sf.grid, pred["regions"], sm.classes, size)
-        _write_geojson(folder / "regions.geojson", sm, sf.coords, pred["regions"], size, label_mask, mask_scale)
+        _write_geojson(folder / "regions.geojson", sm, sf.coords, pred["regions"], size, label_mask, mask_scale,
+                       slide.dimensions)
         _heatmap_png(folder / "heatmap.png", slide, sm, cells, pred["regions"], size, label_mask, mask_scale,
                      predicted, row.slide_id)
         rec = {"slide_id": row.slide_id, "status": "ok", "predicted": predicted,

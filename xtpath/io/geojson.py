@@ -144,17 +144,23 @@ def box_feature(x: float, y: float, w: float, h: float, **kw: Any) -> dict[str, 
 
 
 def tile_features(xy: np.ndarray, size: float, probs: np.ndarray, classes: Sequence[str],
-                  colors: Sequence[tuple[int, int, int]]) -> list[dict[str, Any]]:
+                  colors: Sequence[tuple[int, int, int]], *,
+                  clip_xy: tuple[float, float] | None = None) -> list[dict[str, Any]]:
     """Square regions as QuPath ``tile`` objects with a ``prob_<class>`` measurement each (as WSInfer writes),
     classified by their most probable class; built in bulk (10 000 tiles in ~0.05 s).
 
     Parameters
     ----------
     xy : (N, 2) level-0 top-left corners; size : side in level-0 pixels; probs : (N, C).
+    clip_xy : (W, H), optional
+        The slide's level-0 size: edge regions (padded past the slide) are cut at its border.
     """
     xy = np.asarray(xy, dtype=np.float64)
+    far = xy + size
+    if clip_xy is not None:
+        far = np.minimum(far, np.asarray(clip_xy, dtype=np.float64))
     x0, y0 = xy[:, 0].round(2).tolist(), xy[:, 1].round(2).tolist()
-    x1, y1 = (xy[:, 0] + size).round(2).tolist(), (xy[:, 1] + size).round(2).tolist()
+    x1, y1 = far[:, 0].round(2).tolist(), far[:, 1].round(2).tolist()
     best = np.asarray(probs).argmax(1).tolist()
     values = np.asarray(probs, dtype=np.float64).round(6).tolist()
     names = [f"prob_{c}" for c in classes]

@@ -136,8 +136,10 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
         if require_masks and "mask" not in header:
             missing.append("mask")
         if missing:
+            needs = ["slide_id", *(["path"] if require_path else []), *(["label"] if require_labels else []),
+                     *(["mask"] if require_masks else [])]
             raise ManifestError(f"{name}:1: missing column(s) {', '.join(missing)} (found: {', '.join(header) or 'none'})"
-                                f"; the header needs slide_id,path" + (",label" if require_labels else ""))
+                                f"; the header needs {','.join(needs)}")
         seen: dict[str, int] = {}
         for i, rec in enumerate(reader, start=2):
             if not any((v or "").strip() for v in rec.values() if isinstance(v, str)):
