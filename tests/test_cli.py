@@ -103,6 +103,18 @@ def test_errors_are_one_line_with_status_1(tmp_path, args, needle):
     assert "Traceback" not in r.stderr
 
 
+def test_extract_refuses_bad_settings_before_any_warning_or_folder(tmp_path):
+    csv_path = tmp_path / "s.csv"
+    csv_path.write_text(f"slide_id,path\ncmu,{DATA / 'CMU-1-Small-Region.svs'}\n")
+    for opt, value, msg in (("--batch-size", "0", "--batch-size 0: must be at least 1"),
+                            ("--workers", "-1", "--workers -1: must be 0 (read in this process) or more"),
+                            ("--target-mpp", "0", "--target-mpp 0.0: must be positive")):
+        r = xtpath("extract", csv_path, "--out", tmp_path / "out", "--encoder", "test_convnext", opt, value)
+        assert r.returncode == 1 and r.stderr.startswith(f"error: {msg}"), r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1  # not after the random-weights warning
+        assert not (tmp_path / "out").exists()
+
+
 def test_usage_error_exit_code():
     r = xtpath("tile", DATA / "CMU-1-Small-Region.svs", "--target-mpp", "0.5")
     assert r.returncode == 2 and "--region-px" in r.stderr

@@ -345,7 +345,7 @@ def extract(
     Exit status 0 when every slide is cached, 3 when some failed (listed in OUT/failures.csv), 1 on errors.
     """
     from xtpath.errors import InvalidParameterError
-    from xtpath.extract import FAILURES_CSV, ExtractConfig, extract_slides
+    from xtpath.extract import FAILURES_CSV, ExtractConfig, check_config, extract_slides
     from xtpath.io import read_slides_csv
 
     if dtype not in (None, "float32", "float16"):
@@ -375,6 +375,7 @@ def extract(
     from xtpath.models.encoders import resolve_encoder
 
     resolve_encoder(cfg.encoder)  # an unknown name is an error before any warning or progress bar
+    check_config(cfg)
     if weights is None:
         from xtpath.models.encoders import random_weights_note
 

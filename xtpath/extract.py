@@ -468,6 +468,25 @@ def _device_worker(rank: int, rows: list[SlideRow], cfg: ExtractConfig, cache_di
     queue.put(("summary", asdict(summary)))
 
 
+def check_config(cfg: ExtractConfig) -> None:
+    """One-line errors for settings no extraction can run with (before any warning, folder or progress bar)."""
+    if cfg.features not in ("pooled", "tokens"):
+        raise InvalidParameterError(f"--features {cfg.features!r}: use pooled or tokens")
+    if not (isinstance(cfg.region_px, int) and cfg.region_px > 0):
+        raise InvalidParameterError(f"--region-px {cfg.region_px}: must be a positive whole number of pixels, "
+                                    "e.g. 256")
+    if not cfg.target_mpp > 0:
+        raise InvalidParameterError(f"--target-mpp {cfg.target_mpp}: must be positive (microns per pixel, e.g. 0.5)")
+    if cfg.batch_size < 1:
+        raise InvalidParameterError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if cfg.num_workers is not None and cfg.num_workers < 0:
+        raise InvalidParameterError(f"--workers {cfg.num_workers}: must be 0 (read in this process) or more")
+    if cfg.weights:
+        from xtpath.models.encoders import weights_path
+
+        weights_path(cfg.weights)
+
+
 def extract_slides(rows: Sequence[SlideRow], cache_dir: str | os.PathLike[str], cfg: ExtractConfig, *,
                    devices: Sequence[str] = ("cpu",), progress: Progress | None = None) -> ExtractSummary:
     """Extract features of ``rows`` into ``cache_dir``.
@@ -490,24 +509,10 @@ def extract_slides(rows: Sequence[SlideRow], cache_dir: str | os.PathLike[str], 
         Before any work, when caches exist with other settings and ``overwrite`` is False.
     """
     cache = Path(cache_dir)
-    cache.mkdir(parents=True, exist_ok=True)
-    if cfg.features not in ("pooled", "tokens"):
-        raise InvalidParameterError(f"--features {cfg.features!r}: use pooled or tokens")
-    if not (isinstance(cfg.region_px, int) and cfg.region_px > 0):
-        raise InvalidParameterError(f"--region-px {cfg.region_px}: must be a positive whole number of pixels, "
-                                    "e.g. 256")
-    if not cfg.target_mpp > 0:
-        raise InvalidParameterError(f"--target-mpp {cfg.target_mpp}: must be positive (microns per pixel, e.g. 0.5)")
-    if cfg.batch_size < 1:
-        raise InvalidParameterError(f"--batch-size {cfg.batch_size}: must be at least 1")
-    if cfg.num_workers is not None and cfg.num_workers < 0:
-        raise InvalidParameterError(f"--workers {cfg.num_workers}: must be 0 (read in this process) or more")
-    if cfg.weights:
-        from xtpath.models.encoders import weights_path
-
-        weights_path(cfg.weights)
+    check_config(cfg)
     enc = encoder_settings(cfg)
     preflight(rows, cfg, cache, enc)
+    cache.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves no folder behind
     _clean_stale_temp(cache)
     progress = progress or (lambda event, data: None)
     t0 = time.perf_counter()
