@@ -188,6 +188,43 @@ def test_run_widget_cancels(make_napari_viewer, qtbot, tissue_slide, monkeypatch
     assert f"cancelled after {widget.last_update.done} regions" in widget.status.text()
 
 
+def test_run_widget_scores_the_field_of_view_only(make_napari_viewer, qtbot):
+    """Zoomed on the slide's top-left corner, "field of view" scores only the regions the canvas shows."""
+    viewer = make_napari_viewer(show=True)
+    slide = viewer.open(sample_paths()["slide"], plugin="napari-xt")[0]
+    mpp = slide.metadata["mpp"]
+    widget = RunWidget(viewer)
+    widget.model_edit.setText(str(sample_paths()["run"]))
+    widget.scope.setCurrentText("field of view")
+    h, w = viewer.canvas.size
+    viewer.camera.zoom = w / (600 * mpp[0])  # 600 level-0 px across the canvas
+    viewer.camera.center = (300 * mpp[1] * h / w, 300 * mpp[0])
+    x, y, bw, bh = widget.field_of_view(slide)
+    assert x == pytest.approx(0.5, abs=1.0) and y == pytest.approx(0.5, abs=1.0) and bw == pytest.approx(600, rel=1e-3)
+    widget.run()
+    qtbot.waitUntil(lambda: widget.state in ("done", "error"), timeout=180_000)
+    assert widget.state == "done", widget.status.text()
+    feats = viewer.layers["region scores"].features
+    rec = json.loads((sample_paths()["scored"] / "prediction.json").read_text())
+    assert 0 < len(feats) < rec["n_regions"]
+    size = rec["region_size_level0"]
+    # every scored region overlaps the box the canvas shows
+    assert all(fx < x + bw and fx + size > x and fy < y + bh and fy + size > y
+               for fx, fy in zip(feats["x"], feats["y"]))
+
+
+def test_run_widget_reports_a_slide_problem_in_one_line(make_napari_viewer, qtbot):
+    """A slide without mpp: the widget's status says so; nothing is re-raised (pytest-qt fails on that)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.open(DATA / "openslide-python-boxes.tiff", plugin="napari-xt")
+    widget = RunWidget(viewer)
+    widget.model_edit.setText(str(sample_paths()["run"]))
+    widget.run()
+    qtbot.waitUntil(lambda: widget.state in ("done", "error"), timeout=120_000)
+    assert widget.state == "error" and "--mpp" in widget.status.text(), widget.status.text()
+    assert widget.run_button.isEnabled()
+
+
 def test_run_widget_says_what_is_missing(make_napari_viewer):
     viewer = make_napari_viewer(show=True)
     widget = RunWidget(viewer)
@@ -312,3 +349,33 @@ def test_readme_screenshot(make_napari_viewer, qtbot, tmp_path):
     assert target.stat().st_size > 10_000
     if os.environ.get("XTPATH_UPDATE_SCREENSHOT"):
         shutil.copy(target, tmp_path / "copy.png")
+
+
+def test_exports_stop_at_the_slide_border_and_mixed_slides_say_why(make_napari_viewer, tmp_path, white_slide):
+    from shapely.geometry import shape
+
+    from xtpath.errors import XtpathError
+
+    viewer = make_napari_viewer(show=True)
+    viewer.open(white_slide, plugin="napari-xt")  # 4096 x 4096 px at 0.5 µm/px
+    mpp = 0.5
+    # drawn past the bottom-right corner: level-0 x 3900..4300, y 3800..4200
+    y0, x0, y1, x1 = (3800 - 0.5) * mpp, (3900 - 0.5) * mpp, (4200 - 0.5) * mpp, (4300 - 0.5) * mpp
+    shapes = viewer.add_shapes([np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]])], shape_type="polygon",
+                               name="edge")
+    lab = np.zeros((3, 3), np.uint8)
+    lab[2, 2] = 1  # 1536-px label pixels: x, y 3072..4608, past the slide
+    labels = viewer.add_labels(lab, scale=(768.0, 768.0), translate=((768 - mpp) / 2, (768 - mpp) / 2),
+                               name="mask", metadata={"slide_mpp": [mpp, mpp], "classes": ["background", "Stroma"]})
+    out = tmp_path / "edge.geojson"
+    napari.save_layers(str(out), [shapes, labels], plugin="napari-xt")
+    feats = {f["properties"]["classification"]["name"]: shape(f["geometry"])
+             for f in json.loads(out.read_text())["features"]}
+    assert feats["edge"].bounds == pytest.approx((3900, 3800, 4096, 4096), abs=1e-6)
+    assert feats["Stroma"].bounds == pytest.approx((3072, 3072, 4096, 4096), abs=1e-6)
+    # a second slide of another pixel size: a drawn layer has no single level-0 pixel size, and napari shows
+    # the plugin's reason (a ValueError would read as "not a valid writer")
+    viewer.open(DATA / "CMU-1-Small-Region.svs", plugin="napari-xt")
+    with pytest.raises(XtpathError, match="slides with different microns per pixel are open"):
+        napari.save_layers(str(tmp_path / "two.geojson"), [shapes], plugin="napari-xt")
+    assert not (tmp_path / "two.geojson").exists()

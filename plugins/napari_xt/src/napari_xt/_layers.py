@@ -91,8 +91,8 @@ def slide_layer(slide: Any) -> LayerData:
     return (levels if len(levels) > 1 else levels[0], kwargs, "image")
 
 
-def viewer_slide_mpps() -> set[tuple[float, float]]:
-    """The level-0 µm/px (x, y) of the xtpath slides open in napari's current viewer (empty without one)."""
+def _viewer_slides(key: str) -> set[tuple[float, float]]:
+    """``metadata[key]`` (x, y) of every xtpath slide open in napari's current viewer (empty without one)."""
     try:
         import napari
 
@@ -101,8 +101,18 @@ def viewer_slide_mpps() -> set[tuple[float, float]]:
         return set()
     if viewer is None:
         return set()
-    return {(float(lay.metadata["mpp"][0]), float(lay.metadata["mpp"][1])) for lay in viewer.layers
-            if lay.metadata.get("xtpath_slide") and lay.metadata.get("mpp")}
+    return {(float(lay.metadata[key][0]), float(lay.metadata[key][1])) for lay in viewer.layers
+            if lay.metadata.get("xtpath_slide") and lay.metadata.get(key)}
+
+
+def viewer_slide_mpps() -> set[tuple[float, float]]:
+    """The level-0 µm/px (x, y) of the xtpath slides open in napari's current viewer (empty without one)."""
+    return _viewer_slides("mpp")
+
+
+def viewer_slide_sizes() -> set[tuple[float, float]]:
+    """The level-0 (width, height) of the xtpath slides open in napari's current viewer."""
+    return _viewer_slides("level0_wh")
 
 
 def _cell_transform(slide_scale: tuple[float, float], cell_um: tuple[float, float]) -> dict[str, Any]:
@@ -274,4 +284,6 @@ def score_folder_layers(folder: Path) -> list[LayerData]:
         layers += heatmap_layers(cells, probs, classes, size, mpp, only=target)
     layers.append(region_labels_layer(cells, coords, probs, classes, size, mpp))
     layers[0][1]["metadata"]["xtpath_prediction"] = rec
+    for _, kwargs, _ in layers[1:]:  # exports of these layers stop at the slide's border
+        kwargs["metadata"]["slide_wh"] = list(slide.dimensions)
     return layers

@@ -101,7 +101,8 @@ class RunWidget(QWidget):
     def field_of_view(self, layer: Any) -> tuple[float, float, float, float]:
         """Level-0 ``(x, y, w, h)`` of what the canvas shows."""
         cam = self.viewer.camera
-        h_px, w_px = self.viewer._canvas_size  # canvas size in screen pixels
+        canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.9: viewer.canvas.size; before: private
+        h_px, w_px = canvas.size if hasattr(canvas, "size") else self.viewer._canvas_size  # screen px (h, w)
         cy, cx = cam.center[-2:]
         half_w, half_h = w_px / cam.zoom / 2, h_px / cam.zoom / 2
         mx, my = layer.metadata["mpp"] or (1.0, 1.0)
@@ -147,10 +148,11 @@ class RunWidget(QWidget):
             yield from iter_score_slide(sm, layer.metadata["xtpath_slide"],
                                         mpp=mpp[0] if mpp else None, box_xywh=box)
 
-        self.worker = create_worker(job)
-        self.worker.yielded.connect(self._on_update)
-        self.worker.errored.connect(lambda e: self._fail(str(e)))
-        self.worker.finished.connect(self._on_finished)
+        # handlers given at creation: without an "errored" one, napari adds its own that re-raises (a pop-up
+        # with a traceback for a slide without mpp); the widget's one line is the whole message
+        self.worker = create_worker(job, _connect={"yielded": self._on_update,
+                                                   "errored": lambda e: self._fail(str(e)),
+                                                   "finished": self._on_finished}, _start_thread=False)
         self.worker.start()
 
     def cancel(self) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from napari_xt._layers import viewer_slide_mpps
+from napari_xt._layers import viewer_slide_mpps, viewer_slide_sizes
+from xtpath.errors import XtpathError
 from xtpath.io.geojson import box_feature, mask_polygons, polygon_feature
 from xtpath.io.geojson import write_geojson as _write_feature_collection
 from xtpath.score import region_colors
@@ -20,8 +21,8 @@ from xtpath.score import region_colors
 def _viewer_slide_mpp() -> tuple[float, float] | None:
     """The mpp of the xtpath slides open in napari's current viewer when they all share one, else ``None``."""
     mpps = viewer_slide_mpps()
-    if len(mpps) > 1:
-        raise ValueError("slides with different microns per pixel are open, so a layer drawn over them has no "
+    if len(mpps) > 1:  # not a ValueError: napari reads that as "no writer" and drops the message
+        raise XtpathError("slides with different microns per pixel are open, so a layer drawn over them has no "
                          "single level-0 pixel size; close the other slides, or set the layer's "
                          "metadata['slide_mpp'] = [x, y] before saving")
     return next(iter(mpps)) if mpps else None
@@ -37,6 +38,16 @@ def _mpp(meta: dict[str, Any]) -> tuple[float, float]:
     return _viewer_slide_mpp() or (1.0, 1.0)
 
 
+def _slide_wh(meta: dict[str, Any]) -> tuple[float, float] | None:
+    """Level-0 (width, height) of the layer's slide, to cut exports at its border: the layer's metadata, else
+    the one slide open in the viewer, else unknown (not cut)."""
+    md = meta.get("metadata") or {}
+    if md.get("slide_wh"):
+        return float(md["slide_wh"][0]), float(md["slide_wh"][1])
+    sizes = viewer_slide_sizes()
+    return next(iter(sizes)) if len(sizes) == 1 else None
+
+
 def _affine(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     scale = np.asarray(meta.get("scale", (1.0, 1.0)), float)[-2:]
     translate = np.asarray(meta.get("translate", (0.0, 0.0)), float)[-2:]
@@ -44,7 +55,7 @@ def _affine(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _shape_features(data: list[np.ndarray], meta: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    mpp = _mpp(meta)
+    mpp, bounds = _mpp(meta), _slide_wh(meta)
     scale, translate = _affine(meta)
     table = meta.get("features")
     classes = list(table["class"]) if table is not None and len(table) and "class" in table else None
@@ -52,6 +63,8 @@ def _shape_features(data: list[np.ndarray], meta: dict[str, Any], name: str) -> 
     for i, verts in enumerate(data):
         world = np.asarray(verts, dtype=float)[:, -2:] * scale + translate  # (y, x) in µm
         xy = np.stack([world[:, 1] / mpp[0] + 0.5, world[:, 0] / mpp[1] + 0.5], axis=1)
+        if bounds is not None:
+            xy = np.clip(xy, 0.0, bounds)
         ring = np.round(xy, 2).tolist()
         if ring[0] != ring[-1]:
             ring.append(ring[0])
@@ -66,11 +79,13 @@ def _labels_features(data: Any, meta: dict[str, Any], name: str) -> list[dict[st
         # region scores: one QuPath tile per region with a measurement per class (as WSInfer writes them)
         table, classes = meta["features"], list(md["classes"])
         colors, size = region_colors(len(classes)), float(md["region_size"])
+        W, H = _slide_wh(meta) or (np.inf, np.inf)
         out = []
         for _, r in table.iterrows():
             probs = [float(r[f"prob_{c}"]) for c in classes]
             c = int(np.argmax(probs))
-            out.append(box_feature(float(r["x"]), float(r["y"]), size, size, object_type="tile", name=classes[c],
+            x, y = float(r["x"]), float(r["y"])
+            out.append(box_feature(x, y, min(size, W - x), min(size, H - y), object_type="tile", name=classes[c],
                                    color=colors[c], measurements={f"prob_{n}": p for n, p in zip(classes, probs)}))
         return out
     # level 0 of a multiscale layer (napari's MultiScaleData is a sequence, not a list; asarray of it would
@@ -86,7 +101,7 @@ def _labels_features(data: Any, meta: dict[str, Any], name: str) -> list[dict[st
     out = []
     for value in values:
         cls = classes[value] if classes and value < len(classes) else f"{name} {value}"
-        for poly in mask_polygons(arr == value, per_px, corner, exact=True):
+        for poly in mask_polygons(arr == value, per_px, corner, exact=True, clip_xy=_slide_wh(meta)):
             out.append(polygon_feature(poly, object_type="annotation", name=cls, color=colors[value]))
     return out
 
