@@ -404,20 +404,25 @@ def score_one(sm: ScoreModel, row: SlideRow, cache_file: Path, out: Path) -> dic
                          f"on {key.get(k)!r}; score with the model's own encoder settings (drop --cache to "
                          "extract anew) or use a cache made with them")
     pred = _predict(sm, sf.features, sf.grid)
-    # written into a hidden folder beside it, moved into place whole: a killed or failed slide leaves no half
-    # set of outputs under OUT_DIR/<slide_id>
-    final = out / row.slide_id
-    folder = out / f".{row.slide_id}.partial"
+    with _slide_folder(out, row.slide_id) as folder:
+        return _score_outputs(sm, row, sf, cache_file, pred, folder, t0)
+
+
+@contextlib.contextmanager
+def _slide_folder(out: Path, slide_id: str) -> Any:
+    """A hidden ``OUT_DIR/.<slide_id>.partial`` folder to write a slide's outputs into, moved into place whole
+    as ``OUT_DIR/<slide_id>`` (replacing an earlier result or failure) when the block succeeds, removed when it
+    fails: a killed or failed slide leaves no half set of outputs."""
+    final, folder = out / slide_id, out / f".{slide_id}.partial"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     try:
-        rec = _score_outputs(sm, row, sf, cache_file, pred, folder, t0)
+        yield folder
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    shutil.rmtree(final, ignore_errors=True)  # an earlier failed attempt's record
+    shutil.rmtree(final, ignore_errors=True)
     os.replace(folder, final)
-    return rec
 
 
 def _score_outputs(sm: ScoreModel, row: SlideRow, sf: Any, cache_file: Path, pred: dict[str, Any], folder: Path,
@@ -508,13 +513,9 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
 def _write_failed_record(out: Path, row: SlideRow, error: str, msg: str) -> None:
     """``OUT_DIR/<slide_id>/`` holding only the failure's ``prediction.json``: the outputs of an earlier
     result of this slide go with it (they no longer describe its state)."""
-    final, folder = out / row.slide_id, out / f".{row.slide_id}.partial"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    write_json(folder / "prediction.json", {"slide_id": row.slide_id, "status": "failed", "error": error,
-                                            "message": msg, "time": failure_time()})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(folder, final)
+    with _slide_folder(out, row.slide_id) as folder:
+        write_json(folder / "prediction.json", {"slide_id": row.slide_id, "status": "failed", "error": error,
+                                                "message": msg, "time": failure_time()})
 
 
 def _record_score_failure(out: Path, row: SlideRow, msg: str, error: str) -> None:

@@ -243,8 +243,9 @@ def _check_model_options(path: Any, cfg: TrainConfig) -> None:
         if bad:
             raise InvalidParameterError(f"{name}: unknown option(s) {', '.join(bad)}; valid: "
                                         f"{', '.join(sorted(known))}")
+        defaults = kind()
         for k in list(opts):
-            opts[k] = _config_value(path, f"{name}.{k}", opts[k], _typed_default(kind(), known[k]))
+            opts[k] = _config_value(path, f"{name}.{k}", opts[k], _typed_default(defaults, known[k]))
         kind(**({"name": cfg.context} if kind is ContextConfig else {}), **opts)  # its own range checks
 
 
