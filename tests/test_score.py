@@ -534,3 +534,28 @@ def test_region_polygons_stop_at_the_slide_border(runs, tmp_path):
     for ring, (x, y) in zip(rings, coords):
         assert ring.min(0) == pytest.approx([x, y], abs=0.01)  # GeoJSON keeps 2 decimals
         assert ring.max(0) == pytest.approx([min(x + size, W), min(y + size, H)], abs=0.01)
+
+
+def test_no_extract_scores_the_cache_and_fails_the_rest_with_their_reason(runs, tmp_path):
+    """--no-extract (the cluster workflow's score step): nothing is decoded; a slide whose extraction failed
+    fails with that reason, a slide never extracted says to run extract."""
+    root, csv_path = runs
+    good = read_slides_csv(csv_path)[:2]
+    listing = tmp_path / "s.csv"
+    listing.write_text("slide_id,path\n" + "".join(f"{r.slide_id},{r.path}\n" for r in good)
+                       + f"broken,{CORRUPT_SLIDE}\n")
+    rows = read_slides_csv(listing)
+    cache = tmp_path / "cache"
+    ex = extract_slides([rows[0], rows[2]], cache, ExtractConfig(**ENC, num_workers=0))
+    assert "broken" in ex.failed
+    events = []
+    s = score_slides(rows, root / "cls", tmp_path / "out", cache_dir=cache, no_extract=True,
+                     progress=lambda e, d: events.append(e))
+    assert s.scored == [rows[0].slide_id]
+    assert s.failed["broken"] == ex.failed["broken"] and "cannot decode" in s.failed["broken"]
+    assert s.failed[rows[1].slide_id].startswith(f"no feature cache {cache / (rows[1].slide_id + '.h5')}; run "
+                                                 "xtpath extract first")
+    assert not any(e.startswith("extract_") for e in events)
+    assert sorted(p.name for p in cache.glob("*.h5")) == [f"{rows[0].slide_id}.h5"]  # nothing was extracted
+    with open(tmp_path / "out" / "failures.csv") as f:
+        assert sorted(r["slide_id"] for r in csv.DictReader(f)) == sorted(["broken", rows[1].slide_id])

@@ -509,6 +509,10 @@ def score(
     rescore: Annotated[bool, typer.Option("--rescore", help="Score the slides again even if predictions.csv "
                                                             "has them (their rows and outputs are replaced); "
                                                             "with --only, just those.")] = False,
+    no_extract: Annotated[bool, typer.Option("--no-extract", help="Score only slides whose features are "
+                                                                  "cached; the others fail with the reason their "
+                                                                  "extraction failed (from the cache's "
+                                                                  "failures.csv).")] = False,
 ) -> None:
     """Score slides with a trained model: predictions, heatmaps, region scores, QuPath GeoJSON, masks.
 
@@ -525,7 +529,7 @@ def score(
     n = len([r for i, r in enumerate(rows) if i % sh[1] == sh[0]])
     with _ScoreProgress(n) as prog:
         summary = score_slides(rows, model, out, cache_dir=cache, devices=devs, shard=sh, batch_size=batch_size,
-                               progress=prog, weights=weights, rescore=rescore)
+                               progress=prog, weights=weights, rescore=rescore, no_extract=no_extract)
     typer.echo(f"{len(summary.scored)} scored, {len(summary.skipped)} already scored, {len(summary.failed)} "
                f"failed -> {out / 'predictions.csv'}")
     if summary.failed:

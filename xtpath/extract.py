@@ -241,6 +241,16 @@ def record_failure(cache_dir: Path, row: SlideRow, err: BaseException) -> str:
     return msg
 
 
+def extraction_failure(cache_dir: Path, slide_id: str) -> str | None:
+    """The reason ``failures.csv`` in ``cache_dir`` gives for the slide, or ``None``."""
+    path = Path(cache_dir) / FAILURES_CSV
+    if not path.exists():
+        return None
+    with _failures_locked(Path(cache_dir)), open(path, newline="") as f:
+        return next((r.get("message") or "failed" for r in csv.DictReader(f) if r.get("slide_id") == slide_id),
+                    None)
+
+
 def clear_failure(cache_dir: Path, slide_id: str) -> None:
     _rewrite_failures(cache_dir, slide_id, None)
 

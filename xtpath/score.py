@@ -37,7 +37,14 @@ import torch
 
 from xtpath.cache import cache_path, load_features, other_slide, read_settings, same_setting
 from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, XtpathError
-from xtpath.extract import ExtractConfig, clear_failure, failure_time, record_failure, run_device_workers
+from xtpath.extract import (
+    ExtractConfig,
+    clear_failure,
+    extraction_failure,
+    failure_time,
+    record_failure,
+    run_device_workers,
+)
 from xtpath.io import SlideRow, open_slide
 from xtpath.io.files import atomic_path, file_fingerprint, write_json
 
@@ -470,7 +477,8 @@ def _score_outputs(sm: ScoreModel, row: SlideRow, sf: Any, cache_file: Path, pre
 
 
 def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path, device: str,
-                progress: Callable[[str, dict[str, Any]], None], batch_size: int | None) -> ScoreSummary:
+                progress: Callable[[str, dict[str, Any]], None], batch_size: int | None,
+                no_extract: bool = False) -> ScoreSummary:
     from xtpath.extract import encoder_settings, extract_on_device
 
     summary = ScoreSummary()
@@ -480,7 +488,12 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
     for sid in summary.skipped:
         progress("slide_done", {"slide_id": sid, "status": "cached"})
     need = [r for r in todo if not cache_path(cache, r.slide_id).exists()]
-    if need:
+    if need and no_extract:  # the extraction ran before (the cluster workflow): its failure is the slide's
+        for r in need:
+            summary.failed[r.slide_id] = extraction_failure(cache, r.slide_id) or (
+                f"no feature cache {cache_path(cache, r.slide_id)}; run xtpath extract first (or drop "
+                "--no-extract)")
+    elif need:
         ecfg = sm.extract_config()
         if batch_size:
             ecfg.batch_size = batch_size
@@ -528,10 +541,11 @@ def _record_score_failure(out: Path, row: SlideRow, msg: str, error: str) -> Non
 
 
 def _device_worker(rank: int, run_dir: str, rows: list[SlideRow], cache: str, out: str, devices: list[str],
-                   batch_size: int | None, weights: str | None, queue: Any) -> None:
+                   batch_size: int | None, weights: str | None, no_extract: bool, queue: Any) -> None:
     sm = load_run(run_dir, devices[rank], weights)
     mine = [r for i, r in enumerate(rows) if i % len(devices) == rank]
-    s = _score_rows(sm, mine, Path(cache), Path(out), devices[rank], lambda e, d: queue.put((e, d)), batch_size)
+    s = _score_rows(sm, mine, Path(cache), Path(out), devices[rank], lambda e, d: queue.put((e, d)), batch_size,
+                    no_extract)
     queue.put(("summary", asdict(s)))
 
 
@@ -539,8 +553,12 @@ def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_
                  cache_dir: str | os.PathLike[str] | None = None, devices: Sequence[str] = ("cpu",),
                  shard: tuple[int, int] = (0, 1), batch_size: int | None = None,
                  progress: Callable[[str, dict[str, Any]], None] | None = None,
-                 weights: str | os.PathLike[str] | None = None, rescore: bool = False) -> ScoreSummary:
+                 weights: str | os.PathLike[str] | None = None, rescore: bool = False,
+                 no_extract: bool = False) -> ScoreSummary:
     """Extract what is not cached yet (with the run's encoder settings), then score each slide.
+
+    ``no_extract``: score only what is cached; a slide without a cache fails with the reason its extraction
+    failed (from the cache's ``failures.csv``), as the cluster workflow wants after its own extract step.
 
     Slides already in ``predictions.csv`` are skipped, unless ``rescore``: their rows are dropped and they are
     scored again (their outputs are replaced).
@@ -567,11 +585,12 @@ def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_
     else:
         _check_scored_files(out, sm.classes, rows)
     if len(devices) <= 1:
-        summary = _score_rows(sm, rows, cache, out, devices[0] if devices else "cpu", progress, batch_size)
+        summary = _score_rows(sm, rows, cache, out, devices[0] if devices else "cpu", progress, batch_size,
+                              no_extract)
     else:
         summary = ScoreSummary()
         args = [(r, str(run_dir), list(rows), str(cache), str(out), list(devices), batch_size,
-                 str(weights) if weights else None)
+                 str(weights) if weights else None, no_extract)
                 for r in range(len(devices))]
         for data in run_device_workers(_device_worker, args, progress):
             summary.merge(ScoreSummary(**data))
