@@ -241,14 +241,13 @@ def record_failure(cache_dir: Path, row: SlideRow, err: BaseException) -> str:
     return msg
 
 
-def extraction_failure(cache_dir: Path, slide_id: str) -> str | None:
-    """The reason ``failures.csv`` in ``cache_dir`` gives for the slide, or ``None``."""
+def extraction_failures(cache_dir: Path) -> dict[str, str]:
+    """``slide_id -> reason`` of the failures recorded in ``cache_dir``'s ``failures.csv``."""
     path = Path(cache_dir) / FAILURES_CSV
     if not path.exists():
-        return None
+        return {}
     with _failures_locked(Path(cache_dir)), open(path, newline="") as f:
-        return next((r.get("message") or "failed" for r in csv.DictReader(f) if r.get("slide_id") == slide_id),
-                    None)
+        return {r["slide_id"]: r.get("message") or "failed" for r in csv.DictReader(f) if r.get("slide_id")}
 
 
 def clear_failure(cache_dir: Path, slide_id: str) -> None:

@@ -40,7 +40,7 @@ from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, Xt
 from xtpath.extract import (
     ExtractConfig,
     clear_failure,
-    extraction_failure,
+    extraction_failures,
     failure_time,
     record_failure,
     run_device_workers,
@@ -489,8 +489,9 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
         progress("slide_done", {"slide_id": sid, "status": "cached"})
     need = [r for r in todo if not cache_path(cache, r.slide_id).exists()]
     if need and no_extract:  # the extraction ran before (the cluster workflow): its failure is the slide's
+        recorded = extraction_failures(cache)
         for r in need:
-            summary.failed[r.slide_id] = extraction_failure(cache, r.slide_id) or (
+            summary.failed[r.slide_id] = recorded.get(r.slide_id) or (
                 f"no feature cache {cache_path(cache, r.slide_id)}; run xtpath extract first (or drop "
                 "--no-extract)")
     elif need:

@@ -421,6 +421,7 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
     cache = (Path(cfg.cache) if cfg.cache else run_dir / "cache").resolve()  # extract.json records it whole
     files = [cache_path(cache, r.slide_id) for r in rows]
     enc_settings: dict[str, Any] = {}
+    ecfg: ExtractConfig | None = None  # how the caches are (or were) made: RUN_DIR/extract.json
     if cfg.encoder is None:  # train on existing caches, adopting their settings
         from xtpath.cache import read_settings
 
@@ -455,9 +456,6 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             # SHA-256 in a cache: from --weights, or kept from this run's earlier extract.json (--resume)
             weights = cfg.weights or _earlier_weights(run_dir / "extract.json", s0.get("weights_sha256"))
             ecfg = config_of_cache(s0, weights)
-            write_json(run_dir / "extract.json", {**asdict(ecfg), **enc_settings, "target_mpp": cfg.target_mpp,
-                                                  "region_px": cfg.region_px, "cache": str(cache),
-                                                  "tissue": s0.get("tissue")})
     else:
         cfg.target_mpp = 0.5 if cfg.target_mpp is None else float(cfg.target_mpp)
         cfg.region_px = 256 if cfg.region_px is None else int(cfg.region_px)
@@ -481,6 +479,7 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
                     bad = "\n".join(f"{r.where}: {r.slide_id}: {summary.failed[r.slide_id]}"
                                     for r in missing if r.slide_id in summary.failed)
                     raise CacheError(f"{bad}\nfix or remove these rows (details in {cache / 'failures.csv'})")
+    if ecfg is not None:
         write_json(run_dir / "extract.json", {**asdict(ecfg), **enc_settings, "cache": str(cache)})
     splits = make_splits(rows, labels, folds=cfg.folds, val_fraction=cfg.val_fraction,
                          test_fraction=cfg.test_fraction, seed=cfg.seed)
