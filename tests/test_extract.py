@@ -244,6 +244,33 @@ def test_kill_during_writing_leaves_no_h5_and_resume_finishes(tmp_path):
         assert not (again / "big.h5").exists()
 
 
+def test_a_stop_whose_interrupt_was_lost_still_stops_the_extraction(tmp_path):
+    # The command line's signal handler records the stop and raises KeyboardInterrupt, which Python drops (prints
+    # "Exception ignored") when it lands in a finaliser run by garbage collection. Here the stop is recorded in
+    # the middle of a slide with no interrupt at all: the batch loop must still stop and unwind.
+    from xtpath.stop import clear_stop, request_stop
+
+    rows = read_slides_csv(_csv(tmp_path, [("cmu", DATA / "CMU-1-Small-Region.svs", None)]))
+    cache = tmp_path / "cache"
+    seen = []
+
+    def progress(event, data):
+        if event == "regions":
+            seen.append(data["n"])
+            if len(seen) == 1:
+                request_stop(signal.SIGTERM)
+
+    cfg = ExtractConfig(**{**ENC, "batch_size": 2, "num_workers": 0})
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            extract_slides(rows, cache, cfg, progress=progress)
+    finally:
+        clear_stop()
+    assert seen == [2]  # stopped at the next batch
+    assert not list(cache.glob("*.h5")) and not list(cache.glob(".*.tmp")) and not list((cache / ".locks").glob("*"))
+    assert extract_slides(rows, cache, cfg).done == ["cmu"]
+
+
 @pytest.mark.slow
 def test_two_processes_share_a_csv_and_cache(tmp_path):
     rows = [(f"s{i}", DATA / name, mpp) for i, (name, mpp) in enumerate(

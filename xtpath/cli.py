@@ -653,10 +653,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # warnings from the library are for the person at the terminal: one line, without Python's file and line
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"  # type: ignore
-    stopped: list[int] = []
+    from xtpath.stop import clear_stop, request_stop, stop_signals
+
+    clear_stop()
 
     def _stop(signum: int, frame: object) -> None:
-        stopped.append(signum)
+        request_stop(signum)  # the long loops check it too: this interrupt can be lost inside a finaliser
         raise KeyboardInterrupt
 
     # Ctrl-C and SIGTERM (what SLURM, systemd and `kill` send) unwind the same way: temporary files and locks
@@ -667,8 +669,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv)
     except SystemExit as e:
-        if e.code == 130 or stopped:
-            _stopped(argv, signal.SIGTERM in stopped)
+        if e.code == 130 or stop_signals():
+            _stopped(argv, signal.SIGTERM in stop_signals())
         raise
     except XtpathError as e:
         for line in str(e).splitlines():  # a slides CSV reports every bad row, one per line
@@ -678,11 +680,12 @@ def main(argv: list[str] | None = None) -> None:
         _echo_err(_os_error_line(e))
         sys.exit(1)
     except KeyboardInterrupt:  # outside typer's own handling
-        _stopped(argv, False)
+        _stopped(argv, signal.SIGTERM in stop_signals())
     finally:
         # the work is over (done, failed or stopped): a signal from now on must not raise into exit handlers
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+        clear_stop()
 
 
 def _stopped(argv: list[str] | None, terminated: bool) -> None:

@@ -32,6 +32,7 @@ from xtpath.cache import CacheWriter, cache_path, other_slide, read_settings, se
 from xtpath.errors import CacheError, InvalidParameterError, XtpathError
 from xtpath.io import SlideRow, open_slide
 from xtpath.io.files import atomic_path, file_fingerprint
+from xtpath.stop import check_stop, request_stop
 from xtpath.tiling import RegionGrid, check_resolution, make_region_grid
 from xtpath.tissue import TissueParams, detect_tissue, tissue_params
 
@@ -368,6 +369,7 @@ def _encode_planned(row: SlideRow, slide: Any, regions: RegionGrid, encoder: Any
         start = 0
         with torch.inference_mode(), _autocast(device):
             for batch in loader:
+                check_stop()
                 feats = encoder(batch.to(device, non_blocking=True))
                 writer.write(start, feats.float().cpu().numpy())
                 start += len(batch)
@@ -390,6 +392,7 @@ def extract_on_device(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: P
     encoder = None
     workers = cfg.num_workers if cfg.num_workers is not None else _default_workers()
     for row in rows:
+        check_stop()
         out = cache_path(cache_dir, row.slide_id)
         if out.exists() and not cfg.overwrite:
             summary.skipped.append(row.slide_id)
@@ -590,6 +593,7 @@ def _worker_main(target: Callable[..., None], args: tuple[Any, ...], queue: Any)
     import signal
 
     def _stop(signum: int, frame: object) -> None:
+        request_stop(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -47,6 +47,7 @@ from xtpath.extract import (
 )
 from xtpath.io import SlideRow, open_slide
 from xtpath.io.files import atomic_path, file_fingerprint, write_json
+from xtpath.stop import check_stop
 
 __all__ = ["ScoreModel", "load_run", "score_slides", "parse_shard", "shard_rows", "PREDICTIONS_CSV",
            "ScoreSummary", "region_colors", "gather_predictions", "read_predictions"]
@@ -503,6 +504,7 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
         for sid, msg in ex.failed.items():
             summary.failed[sid] = msg
     for row in todo:
+        check_stop()
         if row.slide_id in summary.failed:
             _record_score_failure(out, row, summary.failed[row.slide_id], "ExtractionError")
             progress("slide_done", {"slide_id": row.slide_id, "status": "failed",

@@ -58,8 +58,9 @@ from xtpath.metrics import (
     segmentation_metrics,
     segmentation_plot,
 )
+from xtpath.stop import check_stop
 
-__all__ = ["TrainConfig", "load_config", "train", "evaluate", "classification_metrics", "segmentation_metrics"]
+__all__ = ["TrainConfig", "classification_metrics", "evaluate", "load_config", "segmentation_metrics", "train"]
 
 TASKS = ("classification", "segmentation")
 MODES = ("cached", "end2end")
@@ -560,6 +561,7 @@ def evaluate(model: Any, dataset: Any, cfg: TrainConfig, device: torch.device, i
     model.eval()
     losses, probs, labels, preds, tgts, ids = [], [], [], [], [], []
     for i in indices:
+        check_stop()
         item = dataset[i]
         with _autocast(device, cfg.amp):
             out = model(item.features.to(device), item.grid.to(device))
@@ -758,6 +760,7 @@ def _fit_split(prep: _Prepared, split: Split, cfg: TrainConfig, out_dir: Path, d
         bar.start(epoch, cfg.epochs, len(mine), last_val)
         losses = []
         for j, i in enumerate(mine):
+            check_stop()
             group_end = min(len(mine), (j // per_rank_acc + 1) * per_rank_acc)
             group_size = group_end - (j // per_rank_acc) * per_rank_acc
             last_in_group = j + 1 == group_end
