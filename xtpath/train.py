@@ -931,6 +931,12 @@ def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg
             run.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         say = log if dist.main else (lambda _m: None)
+        from xtpath.models.kernels import INSTALL_HINT, mamba_ssm_installed
+
+        if device.type == "cuda" and cfg.context == "mamba" and not mamba_ssm_installed() and \
+                cfg.context_options.get("backend", "auto") == "auto":
+            say("warning: mamba-ssm's CUDA kernels are not installed: the Mamba context trains with xtpath's own "
+                f"scan, about 100x slower on a GPU (measured on an H100); install them with: {INSTALL_HINT}")
         if dist.main and not resume and ((run / "last").exists() or any(run.glob("fold*/last"))):
             raise InvalidParameterError(f"{run} already holds a run; pass --resume to continue it or choose "
                                         "another --out")
