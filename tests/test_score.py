@@ -310,10 +310,12 @@ def test_a_model_refuses_a_cache_from_another_encoder(runs, tmp_path):
 def test_snakemake_workflow_on_three_slides_one_corrupt(runs, tmp_path):
     root, csv_path = runs
     good = read_slides_csv(csv_path)[:2]
+    # as Excel writes a CSV in some locales (a UTF-8 mark, ';'); a slide file that is gone is one failed slide;
+    # an output folder with a space in its name
     slides = tmp_path / "slides.csv"
-    slides.write_text("slide_id,path,label\n" + "".join(f"{r.slide_id},{r.path},{r.label}\n" for r in good)
-                      + f"broken,{CORRUPT_SLIDE},touch\n")
-    out = tmp_path / "wf"
+    slides.write_text("\ufeffslide_id;path;label\n" + "".join(f"{r.slide_id};{r.path};{r.label}\n" for r in good)
+                      + f"broken;{CORRUPT_SLIDE};touch\ngone;{tmp_path / 'gone.svs'};touch\n", encoding="utf-8")
+    out = tmp_path / "wf out"
     exe = Path(sys.executable).parent
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{exe}:{os.environ['PATH']}"}
     snake = [str(exe / "snakemake"), "-s", str(ROOT / "workflows" / "Snakefile"),
@@ -328,9 +330,10 @@ def test_snakemake_workflow_on_three_slides_one_corrupt(runs, tmp_path):
         assert float(p["p_apart"]) + float(p["p_touch"]) == pytest.approx(1.0, abs=1e-5)
     with open(out / "failures.csv") as f:
         fails = list(csv.DictReader(f))
-    assert [x["slide_id"] for x in fails] == ["broken"] and "cannot decode" in fails[0]["message"]
+    assert [x["slide_id"] for x in fails] == ["broken", "gone"] and "cannot decode" in fails[0]["message"]
+    assert "no such file" in fails[1]["message"]
     rep = json.loads((out / "report" / "report.json").read_text())
-    assert rep["n_scored"] == 2 and rep["n_failed"] == 1
+    assert rep["n_scored"] == 2 and rep["n_failed"] == 2
     assert rep.get("n_labelled", 0) + rep.get("excluded_seen", 0) == 2  # training slides are left out
     for x in good:
         assert (out / x.slide_id / "heatmap.png").exists()
@@ -349,7 +352,7 @@ def test_snakemake_workflow_on_three_slides_one_corrupt(runs, tmp_path):
     preds = _predictions(out)
     assert sorted(p["slide_id"] for p in preds) == sorted([x.slide_id for x in good] + ["broken"])
     with open(out / "failures.csv") as f:
-        assert list(csv.DictReader(f)) == []
+        assert [x["slide_id"] for x in csv.DictReader(f)] == ["gone"]
     second = json.loads((out / good[1].slide_id / "prediction.json").read_text())
     assert second["probs"] == pytest.approx(first["probs"]) and second["seconds"] != first["seconds"]
     assert json.loads((out / "report" / "report.json").read_text())["n_scored"] == 3
@@ -430,14 +433,14 @@ def test_a_cache_of_another_slide_or_a_broken_one_fails_only_its_slide(runs, tmp
         f.truncate(3000)
     s = score_slides(rows, root / "cls", tmp_path / "out", cache_dir=cache)
     assert s.scored == [rows[1].slide_id]
-    assert "made from another file" in s.failed[rows[0].slide_id]
+    assert "when it had another size or content" in s.failed[rows[0].slide_id]
     assert "not a readable HDF5 file" in s.failed[rows[2].slide_id]
     assert not (tmp_path / "out" / rows[0].slide_id / "heatmap.png").exists()
     # extract names both problems at once, before any work
     with pytest.raises(CacheError) as e:
         extract_slides(rows, cache, ExtractConfig(**ENC, num_workers=0))
     lines = str(e.value).splitlines()
-    assert any(rows[0].slide_id in ln and "made from another file" in ln for ln in lines)
+    assert any(rows[0].slide_id in ln and "when it had another size or content" in ln for ln in lines)
     assert any(rows[2].slide_id in ln and "not a readable HDF5 file" in ln for ln in lines)
 
 
@@ -464,7 +467,7 @@ def test_a_scored_slide_id_given_another_file_is_not_skipped_silently(runs, tmp_
     # --rescore scores it again; a shared cache made from the other file is refused for that slide, and the
     # slide's folder then holds only the failure (the earlier result's heatmap and regions went with its row)
     s = score_slides(read_slides_csv(swapped), root / "cls", out, cache_dir=root / "traincache", rescore=True)
-    assert "made from another file" in s.failed[rows[0].slide_id]
+    assert "when it had another size or content" in s.failed[rows[0].slide_id]
     assert [p["slide_id"] for p in _predictions(out)] == [rows[1].slide_id]
     assert sorted(p.name for p in (out / rows[0].slide_id).iterdir()) == ["prediction.json"]
     assert json.loads((out / rows[0].slide_id / "prediction.json").read_text())["status"] == "failed"

@@ -280,7 +280,7 @@ def other_slide(stored: dict[str, Any], dimensions: tuple[int, int], fingerprint
                 f"{dimensions[0]} x {dimensions[1]} px")
     known = stored.get("slide_fingerprint")
     if known and fingerprint and known != fingerprint:
-        return f"made from another file ({where}) than this one (other size or content)"
+        return f"made from {where} when it had another size or content (a replaced file, or another one)"
     return None
 
 

@@ -350,7 +350,8 @@ def extract(
 
     if dtype not in (None, "float32", "float16"):
         raise InvalidParameterError(f"--dtype {dtype!r}: use float32 or float16")
-    rows = _only(read_slides_csv(slides), only)
+    # a missing slide file is one failed slide of the batch (failures.csv), not a reason to stop the others
+    rows = _only(read_slides_csv(slides, check_files=False, only=only), only)
     devs = parse_devices(devices)
     if like is not None:
         from xtpath.score import load_run
@@ -523,7 +524,8 @@ def score(
     from xtpath.io import read_slides_csv
     from xtpath.score import parse_shard, score_slides
 
-    rows = _only(read_slides_csv(slides), only)
+    # a missing slide file is one failed slide of the batch (failures.csv), not a reason to stop the others
+    rows = _only(read_slides_csv(slides, check_files=False, only=only), only)
     devs = parse_devices(devices)
     sh = parse_shard(shard)
     n = len([r for i, r in enumerate(rows) if i % sh[1] == sh[0]])

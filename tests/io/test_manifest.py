@@ -61,6 +61,18 @@ def test_every_problem_at_once(tmp_path):
     with pytest.raises(ManifestError) as e2:
         read_slides_csv(p)
     assert not any("empty label" in line for line in str(e2.value).splitlines())
+    # a job that runs some slides checks only those rows (and a duplicated selected id is still ambiguous)
+    rows = read_slides_csv(p, only={"C"})
+    assert [(r.slide_id, r.line) for r in rows] == [("C", 5)]
+    rows = read_slides_csv(p, only={"C", "missing"}, require_labels=False)
+    assert [r.slide_id for r in rows] == ["C"]
+    with pytest.raises(ManifestError) as e3:
+        read_slides_csv(p, only={"A", "E"})
+    assert str(e3.value).splitlines() == ["slides.csv:3: slide_id 'A' is already used on line 2",
+                                          "slides.csv:7: mpp '-1' is not a positive number of microns per pixel"]
+    with pytest.raises(ManifestError) as e4:
+        read_slides_csv(p, exclude={"A", "B", "D", "E", "F/G", ".."})
+    assert str(e4.value).splitlines() == ["slides.csv:9: empty slide_id", "slides.csv:9: empty path"]
 
 
 def test_missing_columns_and_masks(tmp_path):

@@ -14,6 +14,7 @@ import io
 import math
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,8 @@ def _clean(v: str | None) -> str | None:
 
 def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = False,
                     require_masks: bool = False, check_files: bool = True,
-                    require_path: bool = True) -> list[SlideRow]:
+                    require_path: bool = True, only: Collection[str] | None = None,
+                    exclude: Collection[str] = ()) -> list[SlideRow]:
     """Read and check a slides CSV.
 
     Parameters
@@ -95,6 +97,9 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
         Check that slide and mask files exist.
     require_path : bool
         Every row needs a ``path`` (all but reading labels back, e.g. ``xtpath report --labels``).
+    only, exclude : collections of slide_id
+        Keep only the rows of ``only`` (when given) and none of ``exclude``; the other rows are not checked, so
+        a bad row elsewhere in the CSV does not stop a job that runs some slides (a cluster job per slide).
 
     Raises
     ------
@@ -146,6 +151,8 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
                 continue  # blank line
             where = f"{name}:{i}"
             sid = _clean(rec.get("slide_id"))
+            if (only is not None and sid not in only) or sid in exclude:
+                continue
             raw_path = _clean(rec.get("path"))
             if not sid:
                 problems.append(f"{where}: empty slide_id")
@@ -203,7 +210,7 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
                 rows.append(SlideRow(slide_id=sid, path=path, label=label,
                                      split=split, case_id=_clean(rec.get("case_id")), mpp=mpp,
                                      mask=mask, line=i, extra=extra, csv=name))
-    if not rows and not problems:
+    if not rows and not problems and only is None:
         problems.append(f"{name}:2: the CSV has no slides")
     if problems:
         raise ManifestError("\n".join(problems))
