@@ -167,3 +167,9 @@ def test_region_targets_from_a_label_image(tmp_path):
     assert np.array_equal(picture, want)
     with pytest.raises(ManifestError, match=r"label 2 but only 2 classes \(background, Stroma\); list every class"):
         region_targets(row, sf, ["background", "Stroma"], 2, slide_dimensions=(400, 400))
+    # a mask of another aspect ratio (cropped, padded, transposed) would be stretched: refused; a downsampled
+    # one whose sides rounded to whole pixels is fine
+    with pytest.raises(ManifestError, match=r"s_labels.png: a label image of 100 x 100 px for a slide of 400 x 300 "
+                                            r"px \(another aspect ratio\)"):
+        region_targets(row, sf, ["background", "Stroma", "Tumor"], 2, slide_dimensions=(400, 300))
+    assert region_targets(row, sf, ["background", "Stroma", "Tumor"], 2, slide_dimensions=(401, 399)).shape == t.shape

@@ -398,6 +398,36 @@ def test_cli_train_with_yaml_and_overrides(demo, tmp_path):
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["epochs"] == 1 and saved["context"] == "abmil"  # CLI wins over YAML, YAML over defaults
     assert len(_metrics(tmp_path / "run" / "metrics.csv")) == 1
+    # --resume with a mistyped --out trains from the start, and says so
+    r = _run_cli("train", csv_path, "--out", tmp_path / "rnu", "--config", cfg_file, "--epochs", "1",
+                 "--cache", root / "cache", "--device", "cpu", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"warning: --resume: {tmp_path / 'rnu'} holds no finished epoch yet; training starts from the " \
+        "beginning" in r.stderr
+
+
+def test_evaluation_loss_of_a_class_without_training_slides_and_folds_without_a_metric():
+    from types import SimpleNamespace
+
+    from xtpath.train import _aggregate, _loss
+
+    cfg = _cfg()
+    out = SimpleNamespace(logits=torch.tensor([[0.3, -0.2]]))
+    item = SimpleNamespace(label=1)
+    weights = torch.tensor([1.0, 0.0])  # class 1 has no training slide
+    plain = torch.nn.functional.cross_entropy(out.logits, torch.tensor([1]))
+    assert torch.isclose(_loss(cfg, out, item, weights), plain)  # not 0 / 0
+    assert torch.isclose(_loss(cfg, out, SimpleNamespace(label=0), torch.tensor([2.0, 1.0])),
+                         torch.nn.functional.cross_entropy(out.logits, torch.tensor([0])))
+    seg = _cfg(task="segmentation")
+    logits = torch.randn(2, 3, 4, 4)
+    tgt = torch.full((2, 4, 4), 2)
+    tgt[0, 0, 0] = -100
+    got = _loss(seg, SimpleNamespace(mask_logits=logits), SimpleNamespace(targets=tgt), torch.tensor([1.0, 1.0, 0.0]))
+    assert torch.isclose(got, torch.nn.functional.cross_entropy(logits, tgt, ignore_index=-100))
+    folds = [{"metrics": {"auc": a, "accuracy": 1.0}} for a in (float("nan"), 0.75, 0.25)]
+    summary = _aggregate(folds)["summary"]
+    assert summary["auc"]["mean"] == 0.5 and summary["auc"]["n_folds"] == 2 and summary["accuracy"]["n_folds"] == 3
 
 
 def test_caches_must_agree_with_each_other_and_with_the_options(demo, tmp_path):

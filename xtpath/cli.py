@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 from enum import Enum
 from pathlib import Path
@@ -462,13 +463,20 @@ def train(
     report = run_training(slides, out, cfg, resume=resume, log=lambda m: typer.echo(m, err=True))
     if rank0:
         metrics = report.get("metrics") or {k: v["mean"] for k, v in report.get("summary", {}).items()}
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        n_folds = len(report.get("folds", []))
+        partial = {k: v.get("n_folds", n_folds) for k, v in report.get("summary", {}).items()
+                   if v.get("n_folds", n_folds) < n_folds}
+        shown = ", ".join(f"{k} {v:.4f}" + (f" ({partial[k]} of {n_folds} folds)" if k in partial else "")
+                          for k, v in metrics.items() if isinstance(v, float))
+        undefined = [k for k, v in metrics.items() if isinstance(v, float) and math.isnan(v)]
         if "summary" in report:
-            where = f"mean over {len(report.get('folds', []))} test folds"
+            where = f"mean over {n_folds} test folds"
         else:
             part = report.get("evaluated_on", "test")
             where = f"on the {part} split ({report.get('n_' + part, '?')} slides)"
         typer.echo(f"done: {where}: {shown} -> {out}")
+        if undefined:
+            typer.echo(f"note: {', '.join(undefined)} undefined: they need test slides of more than one class")
         if "out_of_fold" in report:
             oof = report["out_of_fold"]
             pooled = ", ".join(f"{k} {v:.4f}" for k, v in oof["metrics"].items() if isinstance(v, float))

@@ -6,8 +6,10 @@ positions ``(N, 2)`` as ``(row, col)``, a slide label, and for segmentation per-
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,7 +203,8 @@ def make_splits(rows: Sequence[SlideRow], labels: Sequence[int] | None, *, folds
             return idx.tolist(), []
         try:
             sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + salt)
-            rest, part = next(sgkf.split(idx, y[idx], groups[idx]))
+            with _rare_classes_said():
+                rest, part = next(sgkf.split(idx, y[idx], groups[idx]))
         except ValueError:
             return idx.tolist(), []
         return idx[rest].tolist(), idx[part].tolist()
@@ -212,7 +215,8 @@ def make_splits(rows: Sequence[SlideRow], labels: Sequence[int] | None, *, folds
         if folds > n_cases:
             raise InvalidParameterError(f"--folds {folds}: only {n_cases} cases; use at most {n_cases} folds")
         sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
-        parts = [test.tolist() for _, test in sgkf.split(np.arange(n), y, groups)]
+        with _rare_classes_said():
+            parts = [test.tolist() for _, test in sgkf.split(np.arange(n), y, groups)]
         out = []
         for k in range(folds):
             test, val = parts[k], parts[(k + 1) % folds]
@@ -235,6 +239,15 @@ def make_splits(rows: Sequence[SlideRow], labels: Sequence[int] | None, *, folds
     rest, test = group_split(np.arange(n), test_fraction, 2)
     train, val = group_split(np.array(rest), val_fraction / max(1e-9, 1 - test_fraction), 3)
     return [Split("split", sorted(train), sorted(val), sorted(test))]
+
+
+@contextlib.contextmanager
+def _rare_classes_said() -> Iterator[None]:
+    """Quiet scikit-learn's "least populated class" warning: training already says which classes have too few
+    slides, in its own words."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        yield
 
 
 def _check_no_case_overlap(rows: Sequence[SlideRow], *parts: list[int]) -> None:
@@ -318,6 +331,12 @@ def region_targets(row: SlideRow, sf: SlideFeatures, class_names: Sequence[str],
         if slide_dimensions is None:
             raise InvalidParameterError("a label-image mask needs the slide's dimensions to be placed")
         sx, sy = slide_dimensions[0] / lab.shape[1], slide_dimensions[1] / lab.shape[0]
+        # a downsampled mask is fine (its sides round to whole pixels); another aspect ratio (cropped, padded,
+        # transposed) would be stretched onto the slide and misplace every label
+        if abs(sx - sy) / max(sx, sy) > 0.02 + 1.0 / min(lab.shape[:2]):
+            raise ManifestError(f"{row.mask}: a label image of {lab.shape[1]} x {lab.shape[0]} px for a slide of "
+                                f"{slide_dimensions[0]} x {slide_dimensions[1]} px (another aspect ratio); give "
+                                "the mask at the slide's size or downsampled by one factor")
         yy = ((np.arange(H) + 0.5) * cell + oy) / sy
         xx = ((np.arange(W) + 0.5) * cell + ox) / sx
         yi = np.clip(yy.astype(int), 0, lab.shape[0] - 1)

@@ -541,8 +541,12 @@ def _model_config(cfg: TrainConfig, in_shape: tuple[int, ...], n_classes: int) -
 
 
 def _loss(cfg: TrainConfig, out: Any, item: SlideItem, weights: torch.Tensor | None) -> torch.Tensor:
+    # a class without training slides has weight 0; a slide (or mask) of only such classes, which only
+    # validation and test parts can hold, gets the unweighted loss instead of 0 / 0
     if cfg.task == "classification":
         target = torch.tensor([item.label], device=out.logits.device)
+        if weights is not None and float(weights[item.label]) == 0:
+            weights = None
         return F.cross_entropy(out.logits.float().reshape(1, -1), target, weight=weights)
     logits = out.mask_logits.float()  # (N, C, m, m)
     tgt = item.targets.to(logits.device)  # type: ignore[union-attr]
@@ -551,6 +555,8 @@ def _loss(cfg: TrainConfig, out: Any, item: SlideItem, weights: torch.Tensor | N
                                     f"{logits.shape[-1]}")
     if (tgt != IGNORE_INDEX).sum() == 0:
         return logits.sum() * 0.0
+    if weights is not None and float(weights.to(tgt.device)[tgt[tgt != IGNORE_INDEX]].sum()) == 0:
+        weights = None
     return F.cross_entropy(logits, tgt, weight=weights, ignore_index=IGNORE_INDEX)
 
 
@@ -941,6 +947,8 @@ def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg
             raise InvalidParameterError(f"{run} already holds a run; pass --resume to continue it or choose "
                                         "another --out")
         if resume:  # every rank: they all train with the run's settings
+            if not any(run.glob("**/last")):  # a mistyped --out must not pass for a resumed run unnoticed
+                say(f"warning: --resume: {run} holds no finished epoch yet; training starts from the beginning")
             _resume_settings(run, cfg)
         prep = _prepare(Path(csv_path), cfg, run, say) if dist.main else None
         if dist.enabled:  # the other ranks prepare after rank 0 built any caches
@@ -1063,5 +1071,8 @@ def _aggregate(results: list[dict[str, Any]]) -> dict[str, Any]:
     summary = {}
     for k in keys:
         vals = np.array([r["metrics"][k] for r in results], dtype=float)
-        summary[k] = {"mean": float(np.nanmean(vals)), "std": float(np.nanstd(vals)), "folds": vals.tolist()}
+        ok = np.isfinite(vals)  # a metric undefined on a fold (AUC of a single-class test part) is left out
+        summary[k] = {"mean": float(vals[ok].mean()) if ok.any() else math.nan,
+                      "std": float(vals[ok].std()) if ok.any() else math.nan,
+                      "n_folds": int(ok.sum()), "folds": vals.tolist()}
     return {"folds": results, "summary": summary, "classes": results[0].get("classes")}
