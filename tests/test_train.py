@@ -509,3 +509,13 @@ def test_a_single_class_validation_set_selects_by_loss_and_the_splits_are_saved(
         saved = list(csv.DictReader(f))
     assert [r["split"] for r in saved] == parts and [r["label"] for r in saved] == labels
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["classes"] == ["apart", "touch"]
+
+
+def test_a_bad_value_names_the_yaml_file_it_came_from(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: -1\nlr: 0.001\n")
+    with pytest.raises(InvalidParameterError, match=rf"^--config {re.escape(str(bad))}: epochs=-1 must be at least 1$"):
+        load_config(bad, {})
+    with pytest.raises(InvalidParameterError, match=r"^epochs=0 must be at least 1$"):  # given on the command line
+        load_config(bad, {"epochs": 0})
+    assert load_config(bad, {"epochs": 2}).lr == 0.001

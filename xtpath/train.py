@@ -169,9 +169,28 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
     defaults = TrainConfig()
     for k in list(data):
         data[k] = _config_value(path, k, data[k], getattr(defaults, k))
+    from_yaml = set(data)
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**data)
     _check_model_options(path, cfg)
+    try:
+        _check_values(cfg)
+    except InvalidParameterError as e:  # name the YAML file when the value came from it
+        name = str(e).split("=", 1)[0]
+        if path is not None and name in from_yaml and overrides.get(name) is None:
+            raise InvalidParameterError(f"--config {path}: {e}") from None
+        raise
+    if cfg.cache is not None:
+        cfg.cache = str(Path(cfg.cache).expanduser().resolve())  # config.yaml records where the features are
+    if cfg.weights is not None:
+        from xtpath.models.encoders import weights_path
+
+        cfg.weights = str(weights_path(cfg.weights))  # recorded absolute: the run is scored from anywhere
+    return cfg
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Each setting's allowed values (one line naming the setting and an example)."""
     if cfg.task not in TASKS:
         raise InvalidParameterError(f"task={cfg.task!r}: use one of {', '.join(TASKS)}")
     monitors = MONITORS[cfg.task]
@@ -220,13 +239,6 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
         if not 0 <= float(getattr(cfg, name)) < 1:
             raise InvalidParameterError(f"{name}={getattr(cfg, name)!r} must be at least 0 and below 1")
     check_folds(int(cfg.folds))
-    if cfg.cache is not None:
-        cfg.cache = str(Path(cfg.cache).expanduser().resolve())  # config.yaml records where the features are
-    if cfg.weights is not None:
-        from xtpath.models.encoders import weights_path
-
-        cfg.weights = str(weights_path(cfg.weights))  # recorded absolute: the run is scored from anywhere
-    return cfg
 
 
 def _check_model_options(path: Any, cfg: TrainConfig) -> None:
