@@ -7,6 +7,12 @@
 #   4. benchmarks/gpu_context.py: both paths at 16k-64k tokens.
 # Usage: bash benchmarks/gpu_check.sh SDIST OUTDIR   (SDIST: mamba_ssm-*.tar.gz, e.g. from `pip download
 # --no-binary :all: --no-deps mamba-ssm`; xtpath importable, e.g. PYTHONPATH=$PWD)
+# On a machine without network whose Python lacks some of xtpath's dependencies (the lent H100 image lacked
+# openslide-python, openslide-bin, tiffslide, zarr, donfig, google-crc32c, numcodecs, imagecodecs, shapely):
+# `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 ...` them
+# into a folder, install there with `pip install --no-index --no-deps --target /tmp/site *.whl` and put
+# /tmp/site first on PYTHONPATH. Environment knobs: BUILD_TIMEOUT, PIPELINE_TIMEOUT, CONTEXT_TIMEOUT (seconds),
+# SKIP_TESTS=1, REPEATS, CONTEXT_ARGS (extra gpu_context.py options), MAX_JOBS.
 set -u
 sdist=$1; out=$2; mkdir -p "$out"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
