@@ -205,7 +205,7 @@ def tile(
         name, power = s.name, s.objective_power
     k = regions.subregions_per_side
     typer.echo(f"{name}: {len(regions)} regions of {region_px} px at {target_mpp:g} µm/px "
-               f"({regions.region_size[0]:.1f} level-0 px; grid {regions.grid_shape[0]}x{regions.grid_shape[1]}; "
+               f"({regions.region_size[0]:.1f} level-0 px; grid of {regions.grid_shape[0]} rows x {regions.grid_shape[1]} columns; "
                f"{k}x{k} encoder inputs of {regions.encoder_px} px each at {regions.read_mpp:.4g} µm/px)")
     if out is not None:
         if out.suffix.lower() == ".h5":

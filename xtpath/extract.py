@@ -499,6 +499,19 @@ def check_config(cfg: ExtractConfig) -> None:
         weights_path(cfg.weights)
 
 
+def _warn_read_resolution(cfg: ExtractConfig, encoder_px: int) -> None:
+    """Say so when the encoder will not see ``target_mpp``: a region that is not a whole number of encoder
+    inputs is resized to ``k x k`` of them (a 256-px region for a 224-px encoder is read at 0.571 µm/px for
+    a target of 0.5)."""
+    k = max(1, int(round(cfg.region_px / encoder_px)))
+    read_mpp = cfg.target_mpp * (cfg.region_px / k) / encoder_px
+    if abs(read_mpp / cfg.target_mpp - 1) > 0.01:
+        warnings.warn(f"regions of {cfg.region_px} px are read as {k}x{k} encoder inputs of {encoder_px} px, at "
+                      f"{read_mpp:.4g} µm/px rather than --target-mpp {cfg.target_mpp:g}; for inputs at "
+                      f"{cfg.target_mpp:g} µm/px give --region-px {k * encoder_px} (a multiple of the encoder's "
+                      f"{encoder_px} px) or an --encoder-px that divides {cfg.region_px}", UserWarning, stacklevel=3)
+
+
 def extract_slides(rows: Sequence[SlideRow], cache_dir: str | os.PathLike[str], cfg: ExtractConfig, *,
                    devices: Sequence[str] = ("cpu",), progress: Progress | None = None) -> ExtractSummary:
     """Extract features of ``rows`` into ``cache_dir``.
@@ -523,6 +536,7 @@ def extract_slides(rows: Sequence[SlideRow], cache_dir: str | os.PathLike[str], 
     cache = Path(cache_dir)
     check_config(cfg)
     enc = encoder_settings(cfg)
+    _warn_read_resolution(cfg, int(enc["encoder_px"]))
     preflight(rows, cfg, cache, enc)
     cache.mkdir(parents=True, exist_ok=True)  # after every check: a refused run leaves no folder behind
     _clean_stale_temp(cache)

@@ -108,6 +108,8 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
     """
     p = Path(csv_path)
     name = p.name
+    if p.is_dir():
+        raise ManifestError(f"{p}: a folder, not a slides CSV; give a CSV with columns slide_id,path[,label,split,...]")
     if not p.is_file():
         raise ManifestError(f"{p}: no such slides CSV; give a CSV with columns slide_id,path[,label,split,...]")
     base = p.resolve().parent

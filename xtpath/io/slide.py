@@ -179,8 +179,8 @@ class Slide:
         if self.mpp is None:
             why = f" ({self.mpp_info.note})" if self.mpp_info.note else ""
             raise MissingMppError(
-                f"{self.path}: no microns-per-pixel in the file{why}; pass --mpp (CLI), mpp= (Python) or "
-                "fill the 'mpp' column of the slides CSV")
+                f"{self.path}: no microns-per-pixel in the file{why}; give it in the 'mpp' column of the slides "
+                "CSV (extract, train, score), with --mpp (info, tissue, tile) or mpp= (Python)")
         return self.mpp  # type: ignore[return-value]
 
     def describe(self) -> dict[str, Any]:

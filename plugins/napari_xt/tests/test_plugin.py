@@ -141,21 +141,25 @@ def test_heatmap_overlay_lands_on_its_region(make_napari_viewer, white_slide):
 
 def test_run_widget_scores_the_slide(make_napari_viewer, qtbot):
     viewer = make_napari_viewer(show=True)
-    viewer.open(sample_paths()["slide"], plugin="napari-xt")
+    name = viewer.open(sample_paths()["slide"], plugin="napari-xt")[0].name
     widget = RunWidget(viewer)
     viewer.window.add_dock_widget(widget)
     widget.model_edit.setText(str(sample_paths()["run"]))
     widget.run()
     qtbot.waitUntil(lambda: widget.state in ("done", "error"), timeout=180_000)
     assert widget.state == "done", widget.status.text()
-    assert "P(touch)" in viewer.layers and "region scores" in viewer.layers
-    regions = viewer.layers["region scores"]
+    # results are named after their slide (a run on another slide keeps its own layers)
+    assert f"{name}: P(touch)" in viewer.layers and f"{name}: region scores" in viewer.layers
+    regions = viewer.layers[f"{name}: region scores"]
     n = widget.last_update.total
     assert len(regions.features) == n and {"prob_apart", "prob_touch"} <= set(regions.features.columns)
     assert np.allclose(regions.features["prob_apart"] + regions.features["prob_touch"], 1.0, atol=2e-4)
-    assert "(final)" in widget.result.text() and widget.progress.value() == 100
-    heat = viewer.layers["P(touch)"].data
+    assert widget.result.text().startswith(f"{name}: apart ") and widget.result.text().endswith("(final)")
+    assert widget.progress.value() == 100 and widget.status.text() == f"done: {name}, {n} regions"
+    heat = viewer.layers[f"{name}: P(touch)"].data
     assert np.isfinite(heat).sum() == n
+    viewer.layers.remove(name)  # the slide closed: its result line goes too
+    assert widget.result.text() == ""
 
 
 def test_run_widget_cancels(make_napari_viewer, qtbot, tissue_slide, monkeypatch):
@@ -194,6 +198,7 @@ def test_run_widget_scores_the_field_of_view_only(make_napari_viewer, qtbot):
     slide = viewer.open(sample_paths()["slide"], plugin="napari-xt")[0]
     mpp = slide.metadata["mpp"]
     widget = RunWidget(viewer)
+    viewer.window.add_dock_widget(widget)
     widget.model_edit.setText(str(sample_paths()["run"]))
     widget.scope.setCurrentText("field of view")
     h, w = viewer.canvas.size
@@ -204,7 +209,8 @@ def test_run_widget_scores_the_field_of_view_only(make_napari_viewer, qtbot):
     widget.run()
     qtbot.waitUntil(lambda: widget.state in ("done", "error"), timeout=180_000)
     assert widget.state == "done", widget.status.text()
-    feats = viewer.layers["region scores"].features
+    feats = viewer.layers[f"{slide.name} (field of view): region scores"].features
+    assert widget.result.text().startswith(f"{slide.name} (field of view): ")
     rec = json.loads((sample_paths()["scored"] / "prediction.json").read_text())
     assert 0 < len(feats) < rec["n_regions"]
     size = rec["region_size_level0"]
@@ -332,7 +338,7 @@ def test_readme_screenshot(make_napari_viewer, qtbot, tmp_path):
     viewer.open_sample("napari-xt", "demo")
     widget = RunWidget(viewer)
     widget.model_edit.setText(str(sample_paths()["run"]))
-    widget.result.setText("slide: " + ", ".join(
+    widget.result.setText("demo_slide: " + ", ".join(
         f"{c} {p:.3f}" for c, p in json.loads((sample_paths()["scored"] / "prediction.json").read_text())["probs"].items()))
     viewer.window.add_dock_widget(widget, name="Run xtpath model")
     viewer.layers.selection.active = viewer.layers["P(touch)"]
@@ -379,3 +385,8 @@ def test_exports_stop_at_the_slide_border_and_mixed_slides_say_why(make_napari_v
     with pytest.raises(XtpathError, match="slides with different microns per pixel are open"):
         napari.save_layers(str(tmp_path / "two.geojson"), [shapes], plugin="napari-xt")
     assert not (tmp_path / "two.geojson").exists()
+    # and reading a GeoJSON then is refused, not drawn in one slide's pixels as if they were µm
+    from napari_xt._reader import read_geojson
+
+    with pytest.raises(XtpathError, match=r"edge.geojson: slides of 2 resolutions are open \(0.499, 0.5 µm/px\)"):
+        read_geojson(str(out))

@@ -75,16 +75,25 @@ def read_score_folder(path: str | list[str]) -> list[LayerData]:
     return score_folder_layers(p)
 
 
-def _one_slide_mpp() -> tuple[float, float] | None:
+def _one_slide_mpp(path: Path) -> tuple[float, float] | None:
+    """The µm/px of the slides open (None without one: level-0 pixels); slides of several resolutions leave no
+    way to tell which one the file belongs to, and guessing would draw it at the wrong size."""
     mpps = viewer_slide_mpps()
-    return next(iter(mpps)) if len(mpps) == 1 else None
+    if len(mpps) > 1:
+        from xtpath.errors import XtpathError
+
+        shown = ", ".join(f"{m[0]:.4g}" for m in sorted(mpps))
+        raise XtpathError(f"{path}: slides of {len(mpps)} resolutions are open ({shown} µm/px) and this file is "
+                          "in one slide's level-0 pixels; open it with only its slide (or slides of one "
+                          "resolution) in the viewer")
+    return next(iter(mpps)) if mpps else None
 
 
 def read_label_mask(path: str | list[str]) -> list[LayerData]:
     p = Path(path[0] if isinstance(path, list) else path)
-    return mask_file_layers(p, _one_slide_mpp())
+    return mask_file_layers(p, _one_slide_mpp(p))
 
 
 def read_geojson(path: str | list[str]) -> list[LayerData]:
     p = Path(path[0] if isinstance(path, list) else path)
-    return annotation_layers(p, _one_slide_mpp())
+    return annotation_layers(p, _one_slide_mpp(p))

@@ -45,6 +45,10 @@ class RunWidget(QWidget):
         self.worker: Any = None
         self.state = "idle"  # idle | running | done | cancelled | error
         self.last_update: Any = None
+        self._scored: Any = None  # the slide layer of the last run, and what its results are called
+        self._label = ""
+        # a result line about a slide that is no longer open would be read as the new slide's
+        self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.model_edit = QLineEdit()
         self.model_edit.setPlaceholderText("run folder written by xtpath train")
         browse = QPushButton("Browse…")
@@ -135,6 +139,9 @@ class RunWidget(QWidget):
         box = self.field_of_view(layer) if self.scope.currentText() == "field of view" else None
         mpp = layer.metadata.get("mpp")
         self._slide_mpp = tuple(mpp) if mpp else (1.0, 1.0)
+        # results are named after the slide and scope: runs on two slides, or on the whole slide and a field of
+        # view, keep their own layers instead of overwriting each other's
+        self._scored, self._label = layer, layer.name + (" (field of view)" if box else "")
         self._target = 1 if len(sm.classes) == 2 else None
         self.state, self.last_update = "running", None
         self.progress.setValue(0)
@@ -168,12 +175,18 @@ class RunWidget(QWidget):
 
     def _on_finished(self) -> None:
         self._set_running(False)
+        u = self.last_update
+        if self.state == "cancelled" and u is not None and u.done == u.total:
+            self.state = "running"  # Cancel came after the last region: the result is whole
         if self.state == "running":
             self.state = "done"
-            self.status.setText("done")
+            self.status.setText(f"done: {self._label}, {u.total if u else 0} regions")
         elif self.state == "cancelled":
-            u = self.last_update
             self.status.setText(f"cancelled after {u.done if u else 0} regions")
+
+    def _on_layer_removed(self, event: Any) -> None:
+        if event.value is self._scored and self.state != "running":
+            self.result.setText("")
 
     def _replace_layer(self, data: Any, kwargs: dict[str, Any], kind: str) -> None:
         name = kwargs["name"]
@@ -198,12 +211,10 @@ class RunWidget(QWidget):
         n = len(u.region_probs)
         cells, coords = np.asarray(u.cells[:n]), np.asarray(u.coords[:n])
         only = [self._target] if self._target is not None else None
-        for data, kwargs, kind in heatmap_layers(cells, u.region_probs, u.classes, u.region_size,
-                                                 self._slide_mpp, only=only):
-            self._replace_layer(data, kwargs, kind)
-        data, kwargs, kind = region_labels_layer(cells, coords, u.region_probs, u.classes, u.region_size,
-                                                 self._slide_mpp)
-        self._replace_layer(data, kwargs, kind)
+        layers = [*heatmap_layers(cells, u.region_probs, u.classes, u.region_size, self._slide_mpp, only=only),
+                  region_labels_layer(cells, coords, u.region_probs, u.classes, u.region_size, self._slide_mpp)]
+        for data, kwargs, kind in layers:
+            self._replace_layer(data, {**kwargs, "name": f"{self._label}: {kwargs['name']}"}, kind)
         probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(u.classes, u.slide_probs))
         final = " (final)" if u.done == u.total else f" (from {u.done}/{u.total} regions)"
-        self.result.setText(f"slide: {probs}{final}")
+        self.result.setText(f"{self._label}: {probs}{final}")
