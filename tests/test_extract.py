@@ -347,3 +347,18 @@ def test_a_slide_far_coarser_than_the_target_mpp_fails_with_the_reason(tmp_path)
     assert summary.done == ["cmu"] and list(summary.failed) == ["thumb"]
     assert "28.97 µm/px, 29x coarser than --target-mpp 1" in summary.failed["thumb"]
     assert "thumb" in (cache / "failures.csv").read_text()
+
+
+def test_regions_that_are_not_whole_encoder_inputs_are_warned_about():
+    import warnings
+
+    from xtpath.extract import _warn_read_resolution
+
+    cfg = ExtractConfig(encoder="test_convnext", region_px=256, target_mpp=0.5)
+    with pytest.warns(UserWarning, match=r"^regions of 256 px are read as 1x1 encoder inputs of 224 px, at 0.5714 "
+                                         r"µm/px rather than --target-mpp 0.5; .* give --region-px 224 "):
+        _warn_read_resolution(cfg, 224)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_read_resolution(ExtractConfig(encoder="test_convnext", region_px=448, target_mpp=0.5), 224)
+        _warn_read_resolution(ExtractConfig(encoder="test_convnext", region_px=512, target_mpp=0.5), 256)
