@@ -149,3 +149,5 @@ def test_empty_and_truncated_files_are_one_line_each(tmp_path):
     r = xtpath("info", str(cut))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {cut}: not a slide"), r.stderr
+    assert lines[0].endswith("check that the file is whole (a copy cut short reads like this) and a slide format "
+                             "(SVS, NDPI, TIFF, OME-TIFF, DICOM, MRXS, ...)")

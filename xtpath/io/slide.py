@@ -437,7 +437,8 @@ def open_slide(path: str | os.PathLike[str], *, backend: str = "auto",
     target = p
     if p.is_dir():
         if "openslide" not in order:
-            raise UnsupportedSlideError(f"{p}: a folder can only be opened as DICOM, with backend='openslide'")
+            raise UnsupportedSlideError(f"{p}: a folder can only be opened as DICOM, by openslide; use --backend "
+                                        "auto or openslide (backend='openslide' in Python)")
         try:
             target = dicom_entry(p)
         except FileNotFoundError as e:
@@ -453,5 +454,7 @@ def open_slide(path: str | os.PathLike[str], *, backend: str = "auto",
             reasons.append(f"{name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": "))
             continue
         return Slide(p, name, handle, mpp_override=mpp)
-    hint = "" if backend == "auto" else "; try the other reader (--backend auto)"
-    raise UnsupportedSlideError(f"{p}: not a slide that xtpath can read ({'; '.join(reasons)}){hint}")
+    hint = ("" if backend == "auto" else "try the other reader (--backend auto) or ") + \
+        "check that the file is whole (a copy cut short reads like this) and a slide format (SVS, NDPI, TIFF, " \
+        "OME-TIFF, DICOM, MRXS, ...)"
+    raise UnsupportedSlideError(f"{p}: not a slide that xtpath can read ({'; '.join(reasons)}); {hint}")
