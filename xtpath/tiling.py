@@ -161,7 +161,7 @@ def check_resolution(where: object, slide_mpp: float | tuple[float, float], targ
 
 def make_region_grid(slide_dimensions: tuple[int, int], slide_mpp: float | tuple[float, float],
                      target_mpp: float, region_px: int, *, encoder_px: int | None = None,
-                     tissue: "TissueMask | None" = None, min_tissue: float = 0.1,
+                     tissue: "TissueMask | None" = None, min_tissue: float = 0.25,
                      edge: Literal["pad", "drop"] = "pad",
                      order: Literal["raster", "hilbert"] = "raster") -> RegionGrid:
     """Cut a slide into regions and keep those with tissue.
@@ -182,7 +182,8 @@ def make_region_grid(slide_dimensions: tuple[int, int], slide_mpp: float | tuple
         Keep only regions whose tissue fraction is at least ``min_tissue`` (and above 0). Without a mask every
         region is kept with fraction 1.
     min_tissue : float
-        Smallest tissue fraction (0..1) of a kept region; 0 keeps every region touching tissue.
+        Smallest tissue fraction (0..1) of a kept region (0.25, as extract, train and tile); 0 keeps every
+        region touching tissue.
     edge : {"pad", "drop"}
         Partial regions at the right and bottom edges: keep them (the part outside the slide reads as white
         background) or drop them.
