@@ -362,3 +362,29 @@ def test_regions_that_are_not_whole_encoder_inputs_are_warned_about():
         warnings.simplefilter("error")
         _warn_read_resolution(ExtractConfig(encoder="test_convnext", region_px=448, target_mpp=0.5), 224)
         _warn_read_resolution(ExtractConfig(encoder="test_convnext", region_px=512, target_mpp=0.5), 256)
+
+
+def test_backend_choice_a_damaged_jpeg_tile_is_a_failure_with_openslide(tmp_path):
+    # a tile whose JPEG data ends early (an end-of-image marker a third of the way in), as a broken copy gives:
+    # openslide reports it; tiffslide (auto's choice for .tif) decodes it as grey, which --backend avoids
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    img = np.clip(rng.normal([200, 110, 170], 20, (1024, 1024, 3)), 0, 255).astype(np.uint8)
+    bad = write_pyramid_tiff(tmp_path / "bad.tif", img, 0.5)
+    with tifffile.TiffFile(bad) as t:
+        off, n = t.pages[0].dataoffsets[5], t.pages[0].databytecounts[5]  # level 0, tile row 1, column 1
+    with open(bad, "r+b") as f:
+        f.seek(off + n // 3)
+        f.write(b"\xff\xd9" + b"\x00" * (n - n // 3 - 2))
+    csv = _csv(tmp_path, [("bad", bad, None)])
+    args = ["extract", csv, "--encoder", "test_convnext", "--encoder-px", "64", "--region-px", "128", "--target-mpp",
+            "0.5", "--devices", "cpu", "--workers", "0"]
+    r = _run(*args, "--out", tmp_path / "os", "--backend", "openslide")
+    assert r.returncode == 3, r.stderr
+    failure = (tmp_path / "os" / "failures.csv").read_text().splitlines()[1]
+    assert failure.startswith("bad,") and "CorruptRegionError" in failure and "premature end" in failure
+    assert not (tmp_path / "os" / "bad.h5").exists()
+    r = _run(*args, "--out", tmp_path / "ts", "--backend", "tiffslide")
+    assert r.returncode == 0, r.stderr  # the documented limitation: nothing tells
+    assert len(load_features(tmp_path / "ts" / "bad.h5")) == 64

@@ -336,6 +336,9 @@ def extract(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo slides that are cached already (also those "
                                                                 "made with other settings).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the random init when no --weights.")] = 0,
+    backend: Annotated[Backend, typer.Option(help="Slide library; auto reads .tif with tiffslide (faster), which "
+                                                  "decodes a damaged JPEG tile as grey where openslide reports "
+                                                  "it.")] = Backend.auto,
     like: Annotated[Optional[Path], typer.Option(help="Take the encoder and region settings of this trained run "
                                                       "(its extract.json), for the features it was trained on.")]
     = None,
@@ -366,6 +369,7 @@ def extract(
                                         f"{', '.join(clash)} (or drop --like to choose them yourself)")
         cfg = load_run(like, weights=weights).extract_config()
         cfg.batch_size, cfg.num_workers, cfg.overwrite = batch_size, workers, overwrite
+        cfg.backend = backend.value
         weights = Path(cfg.weights) if cfg.weights else None
         encoder = cfg.encoder
     else:
@@ -373,7 +377,7 @@ def extract(
                             target_mpp=target_mpp, region_px=region_px, encoder_px=encoder_px,
                             tissue_preset=preset.value, tissue_mode=tissue_mode.value, min_tissue=min_tissue,
                             edge=edge.value, order=order.value, batch_size=batch_size, num_workers=workers,
-                            dtype=dtype, overwrite=overwrite, seed=seed)
+                            dtype=dtype, overwrite=overwrite, seed=seed, backend=backend.value)
     from xtpath.models.encoders import resolve_encoder
 
     resolve_encoder(cfg.encoder)  # an unknown name is an error before any warning or progress bar

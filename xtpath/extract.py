@@ -73,6 +73,10 @@ class ExtractConfig:
     """Regions per encoder batch."""
     num_workers: int | None = None
     """Reader processes per device (default: CPU cores - 1, at least 1, at most 8)."""
+    backend: str = "auto"
+    """Slide reader: ``auto``, ``openslide`` or ``tiffslide`` (not part of a cache's key: both give the same
+    pixels). ``auto`` reads ``.tif`` with tiffslide, which is faster but decodes a damaged JPEG tile as grey
+    where openslide reports it as a failure."""
     dtype: str | None = None
     """Stored feature type (default float32 for pooled, float16 for tokens)."""
     overwrite: bool = False
@@ -302,7 +306,7 @@ def _quiet_when_parent_left(exc_type: type[BaseException], exc: BaseException, t
 
 def plan_slide(row: SlideRow, cfg: ExtractConfig, encoder_px: int) -> tuple[Any, RegionGrid]:
     """Open a slide, find its tissue and cut its region grid (raises :class:`XtpathError` subclasses)."""
-    slide = open_slide(row.path, mpp=row.mpp)
+    slide = open_slide(row.path, mpp=row.mpp, backend=cfg.backend)
     try:
         check_resolution(row.path, slide.require_mpp(), cfg.target_mpp, cfg.region_px)
         with warnings.catch_warnings():
@@ -454,7 +458,7 @@ def preflight(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: Path, enc
             problems.append(f"{path}: not an xtpath cache (no settings)")
             continue
         try:
-            with open_slide(row.path, mpp=row.mpp) as slide:
+            with open_slide(row.path, mpp=row.mpp, backend=cfg.backend) as slide:
                 mpp, dims = slide.require_mpp(), slide.dimensions
         except XtpathError:
             continue  # the slide itself is the problem; it will be reported as a failure
@@ -491,6 +495,8 @@ def check_config(cfg: ExtractConfig) -> None:
         raise InvalidParameterError(f"--target-mpp {cfg.target_mpp}: must be positive (microns per pixel, e.g. 0.5)")
     if cfg.batch_size < 1:
         raise InvalidParameterError(f"--batch-size {cfg.batch_size}: must be at least 1")
+    if cfg.backend not in ("auto", "openslide", "tiffslide"):
+        raise InvalidParameterError(f"--backend {cfg.backend!r}: use auto, openslide or tiffslide")
     if cfg.num_workers is not None and cfg.num_workers < 0:
         raise InvalidParameterError(f"--workers {cfg.num_workers}: must be 0 (read in this process) or more")
     if cfg.weights:
