@@ -105,6 +105,29 @@ def test_reader_refuses_what_it_cannot_read(tmp_path):
     assert get_reader(str(DATA / "CMU-1-Small-Region.svs")) is not None
 
 
+def test_reader_says_what_to_open_for_the_other_xtpath_outputs(make_napari_viewer, tmp_path):
+    from xtpath.errors import XtpathError
+
+    out = tmp_path / "scored"
+    shutil.copytree(sample_paths()["scored"], out / "demo_slide")
+    (out / "predictions.csv").write_text("slide_id,predicted\ndemo_slide,touch\n")
+    run = sample_paths()["run"]
+    cases = {out: f"{out}: the score folder of 1 slide(s); open one slide's folder, e.g. {out / 'demo_slide'} ",
+             out / "demo_slide" / "prediction.json": f"open the slide's folder {out / 'demo_slide'} ",
+             run: f"{run}: a trained model's run folder; open a slide, then choose this folder in Plugins > Run "
+                  "xtpath model"}
+    for path, msg in cases.items():
+        read = get_reader(str(path))
+        with pytest.raises(XtpathError) as e:
+            read(str(path))
+        assert msg in str(e.value)
+    assert get_reader(str(out / "demo_slide")) is not None  # one slide's folder opens
+    viewer = make_napari_viewer(show=True)  # what the person opening the folder reads
+    with pytest.raises(Exception) as e:
+        viewer.open(str(out), plugin="napari-xt")
+    assert "open one slide's folder" in str(e.value) and not len(viewer.layers)
+
+
 def _canvas_xy(viewer, shot_shape, world_yx):
     cam = viewer.camera
     h, w = shot_shape[:2]

@@ -28,12 +28,38 @@ def get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None
     p = Path(path)
     if _is_score_folder(p):
         return read_score_folder
+    wrong = _near_miss(p)
+    if wrong is not None:  # an xtpath output that is not one slide's results: say what to open instead
+        return _refuse(wrong)
     name = p.name.lower()
     if p.is_file() and name.endswith((".geojson", ".json")):
         return read_geojson if _reads(p, _annotations) else None
     if p.is_file() and name.endswith((".ome.tif", ".ome.tiff")) and _reads(p, _label_names):
         return read_label_mask
     return read_slide if _reads(p, _slide) else None
+
+
+def _near_miss(p: Path) -> str | None:
+    """Why ``p``, an xtpath output, is not something to open (and what to open), or ``None``."""
+    if p.is_dir() and (p / "predictions.csv").is_file():
+        slides = sorted(d.name for d in p.iterdir() if _is_score_folder(d))
+        example = f", e.g. {p / slides[0]}" if slides else ""
+        return (f"{p}: the score folder of {len(slides)} slide(s); open one slide's folder{example} (its heatmap, "
+                "region scores and mask over the slide)")
+    if p.is_dir() and (p / "classes.json").is_file() and any(p.glob("*.safetensors")):
+        return f"{p}: a trained model's run folder; open a slide, then choose this folder in Plugins > Run xtpath model"
+    if p.is_file() and p.name == "prediction.json" and _is_score_folder(p.parent):
+        return f"{p}: open the slide's folder {p.parent} (the slide with its results)"
+    return None
+
+
+def _refuse(message: str) -> Callable[[Any], list[LayerData]]:
+    def read(path: str | list[str]) -> list[LayerData]:
+        from xtpath.errors import XtpathError
+
+        raise XtpathError(message)
+
+    return read
 
 
 def _reads(p: Path, probe: Callable[[Path], Any]) -> bool:
