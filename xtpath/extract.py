@@ -33,7 +33,7 @@ from xtpath.errors import CacheError, InvalidParameterError, XtpathError
 from xtpath.io import SlideRow, open_slide
 from xtpath.io.files import atomic_path, file_fingerprint
 from xtpath.stop import check_stop, request_stop
-from xtpath.tiling import RegionGrid, check_resolution, make_region_grid
+from xtpath.tiling import RegionGrid, check_resolution, encoder_reads, make_region_grid
 from xtpath.tissue import TissueParams, detect_tissue, tissue_params
 
 __all__ = ["ExtractConfig", "ExtractSummary", "extract_slides", "extract_on_device", "plan_slide",
@@ -509,8 +509,7 @@ def _warn_read_resolution(cfg: ExtractConfig, encoder_px: int) -> None:
     """Say so when the encoder will not see ``target_mpp``: a region that is not a whole number of encoder
     inputs is resized to ``k x k`` of them (a 256-px region for a 224-px encoder is read at 0.571 µm/px for
     a target of 0.5)."""
-    k = max(1, int(round(cfg.region_px / encoder_px)))
-    read_mpp = cfg.target_mpp * (cfg.region_px / k) / encoder_px
+    k, read_mpp = encoder_reads(cfg.target_mpp, cfg.region_px, encoder_px)
     if abs(read_mpp / cfg.target_mpp - 1) > 0.01:
         warnings.warn(f"regions of {cfg.region_px} px are read as {k}x{k} encoder inputs of {encoder_px} px, at "
                       f"{read_mpp:.4g} µm/px rather than --target-mpp {cfg.target_mpp:g}; for inputs at "

@@ -23,9 +23,17 @@ if TYPE_CHECKING:
     from xtpath.tissue import TissueMask
 
 __all__ = ["RegionGrid", "make_region_grid", "subregion_boxes", "hilbert_index", "ORDERS", "EDGES",
-           "check_resolution", "MAX_UPSAMPLE"]
+           "check_resolution", "MAX_UPSAMPLE", "encoder_reads"]
 
 ORDERS = ("raster", "hilbert")
+
+
+def encoder_reads(target_mpp: float, region_px: int, encoder_px: int) -> tuple[int, float]:
+    """``(k, read_mpp)``: a region is read as ``k x k`` encoder inputs of ``encoder_px`` pixels at ``read_mpp``
+    (``target_mpp`` itself only when ``region_px`` is ``k * encoder_px``; see the module docstring)."""
+    k = max(1, int(round(region_px / encoder_px)))
+    return k, target_mpp * (region_px / k) / encoder_px
+
 EDGES = ("pad", "drop")
 
 
@@ -67,12 +75,12 @@ class RegionGrid:
     @property
     def subregions_per_side(self) -> int:
         """``k``: each region is read as ``k x k`` encoder inputs."""
-        return max(1, int(round(self.region_px / self.encoder_px)))
+        return encoder_reads(self.target_mpp, self.region_px, self.encoder_px)[0]
 
     @property
     def read_mpp(self) -> float:
         """Microns per pixel at which the encoder's ``encoder_px`` inputs are read."""
-        return self.target_mpp * (self.region_px / self.subregions_per_side) / self.encoder_px
+        return encoder_reads(self.target_mpp, self.region_px, self.encoder_px)[1]
 
     @property
     def read_px(self) -> int:

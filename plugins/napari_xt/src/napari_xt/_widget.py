@@ -176,9 +176,8 @@ class RunWidget(QWidget):
     def _on_finished(self) -> None:
         self._set_running(False)
         u = self.last_update
-        if self.state == "cancelled" and u is not None and u.done == u.total:
-            self.state = "running"  # Cancel came after the last region: the result is whole
-        if self.state == "running":
+        whole = u is not None and u.done == u.total  # a Cancel after the last region leaves a whole result
+        if self.state == "running" or (self.state == "cancelled" and whole):
             self.state = "done"
             self.status.setText(f"done: {self._label}, {u.total if u else 0} regions")
         elif self.state == "cancelled":
