@@ -9,12 +9,14 @@ and prediction.json) and, separately, the model forward alone on the same tensor
 Target: under 0.5 s per slide at 10k regions on CPU. Prints the table and writes JSON to benchmarks/results/.
 
     python benchmarks/score_latency.py
-    python benchmarks/score_latency.py --regions 1000 10000 --context mean
+    python benchmarks/score_latency.py --regions 1000 10000 --contexts abmil:256x1 mean:256x1
+    python benchmarks/score_latency.py --regions 10000 --contexts mamba:256x4 --threads 1 2   # scaling
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -70,6 +72,27 @@ def make_case(folder: Path, n: int, dim: int) -> tuple[Path, Path]:
     return slide, cache
 
 
+def by_threads(fn, counts: list[int], repeats: int) -> dict[int, float]:
+    """Median time of ``fn()`` with ``torch.set_num_threads(t)`` for each ``t`` (the thread count is put back)."""
+    import torch
+
+    before = torch.get_num_threads()
+    out = {}
+    try:
+        for t in counts:
+            torch.set_num_threads(t)
+            fn()  # the fused kernels' thread pool is sized to the thread count: warm it up
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            out[t] = float(np.median(times))
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--regions", type=int, nargs="+", default=[1000, 10000, 50000])
@@ -77,6 +100,9 @@ def main() -> None:
     ap.add_argument("--contexts", nargs="+", default=["mamba:256x4", "mamba:64x2", "abmil:256x1"],
                     help="context encoders to time, as name:widthxlayers (mamba:256x4 is xtpath's default)")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, nargs="*", default=[],
+                    help="also time the model forward pass at these torch thread counts (e.g. 1 2) and print "
+                         "the speed-up: how scoring scales with cores on a bigger machine")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "score_latency.json")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -117,13 +143,22 @@ def main() -> None:
                 total, mod = float(np.median(totals)), float(np.median(models))
                 r = {"context": spec, "regions": n, "total_s": total, "model_s": mod,
                      "outside_s": max(0.0, total - mod), "outside_share": max(0.0, total - mod) / total}
+                if args.threads:
+                    r["model_s_by_threads"] = by_threads(functools.partial(_predict, sm, sf.features, sf.grid),
+                                                         args.threads, args.repeats)
                 all_rows.append(r)
                 print(f"{spec:>12} {n:>7} regions: {total:.3f} s per slide, model {mod:.3f} s, outside the model "
                       f"{r['outside_s']:.3f} s ({r['outside_share']:.0%})", flush=True)
+                if args.threads:
+                    bt = r["model_s_by_threads"]
+                    lo = min(bt)
+                    print(" " * 21 + "model forward by threads: " + ", ".join(
+                        f"{t}: {s:.3f} s ({bt[lo] / s:.2f}x)" for t, s in bt.items()), flush=True)
     rows = all_rows
     ten = [r for r in rows if r["regions"] == 10000]
     met = {r["context"]: r["total_s"] < 0.5 for r in ten}
-    print("target < 0.5 s at 10k regions: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
+    print("target < 0.5 s at 10k regions: " + (", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items())
+                                                or "not measured (add 10000 to --regions)"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"contexts": args.contexts, "dim": args.dim, "threads": torch.get_num_threads(),
                                     "rows": rows, "target_s_at_10k": 0.5, "met": met,

@@ -349,17 +349,21 @@ def test_a_slide_far_coarser_than_the_target_mpp_fails_with_the_reason(tmp_path)
     assert "thumb" in (cache / "failures.csv").read_text()
 
 
-def test_regions_that_are_not_whole_encoder_inputs_are_warned_about():
+def test_regions_far_from_whole_encoder_inputs_are_warned_about():
     import warnings
 
     from xtpath.extract import _warn_read_resolution
 
-    cfg = ExtractConfig(encoder="test_convnext", region_px=256, target_mpp=0.5)
-    with pytest.warns(UserWarning, match=r"^regions of 256 px are read as 1x1 encoder inputs of 224 px, at 0.5714 "
+    cfg = ExtractConfig(encoder="test_convnext", region_px=320, target_mpp=0.5)
+    with pytest.warns(UserWarning, match=r"^regions of 320 px are read as 1x1 encoder inputs of 224 px, at 0.7143 "
                                          r"µm/px rather than --target-mpp 0.5; .* give --region-px 224 "):
         _warn_read_resolution(cfg, 224)
+    with pytest.warns(UserWarning, match=r"^regions of 160 px are read as 1x1 encoder inputs of 224 px, at 0.3571 "):
+        _warn_read_resolution(ExtractConfig(encoder="test_convnext", region_px=160, target_mpp=0.5), 224)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        # the defaults (and CLAM's/TRIDENT's practice): 256-px regions for a 224-px encoder, 14 % off, are quiet
+        _warn_read_resolution(ExtractConfig(encoder="test_convnext", region_px=256, target_mpp=0.5), 224)
         _warn_read_resolution(ExtractConfig(encoder="test_convnext", region_px=448, target_mpp=0.5), 224)
         _warn_read_resolution(ExtractConfig(encoder="test_convnext", region_px=512, target_mpp=0.5), 256)
 

@@ -160,3 +160,56 @@ def test_block_equals_the_mean_of_the_mixer_over_scan_orders(flip):
     torch.testing.assert_close(out, expected)
     g, ge = (torch.autograd.grad(t.square().sum(), x)[0] for t in (out, expected))
     torch.testing.assert_close(g, ge)
+
+
+@pytest.mark.parametrize(("scan", "pool", "dtype"), [("cross", "mean", torch.float64), ("xt", "cls", torch.float64),
+                                                      ("hilbert", "cls", torch.float32)])
+def test_inference_reads_the_orders_through_the_index_and_matches_the_training_path(scan, pool, dtype):
+    # Without gradients on CPU, the kernels read every order's rows straight from the tokens and add the
+    # outputs back at their rows (no reordered copies of the projections); with gradients the block reorders
+    # copies. Same weights, same numbers: several chunks, two channel blocks split between threads, holes,
+    # xT's flipped layers and a CLS row.
+    from xtpath.models import cpu_scan
+
+    torch.manual_seed(0)
+    cfg = ContextConfig(name="mamba", d_model=48, n_layers=2, scan=scan, pool=pool, dropout=0.0)
+    enc = MambaContext(cfg).to(dtype).eval()
+    keep = torch.randperm(110, generator=torch.Generator().manual_seed(1))[:90]
+    pos = torch.stack([keep // 11, keep % 11], 1)
+    x = torch.randn(len(pos), 48, dtype=dtype)
+    calls = []
+    real = cpu_scan.scan_orders_mean
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    cpu_scan.scan_orders_mean = counted
+    try:
+        with torch.no_grad():
+            fast = enc(x, pos, (1, 1))
+        assert len(calls) == 2  # one per layer: the indexed path ran
+        slow = enc(x, pos, (1, 1))  # the weights need gradients: the reordering path
+        assert len(calls) == 2
+    finally:
+        cpu_scan.scan_orders_mean = real
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(fast.tokens, slow.tokens.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(fast.pooled, slow.pooled.detach(), rtol=tol, atol=tol)
+    assert not torch.equal(fast.tokens, x)
+
+
+def test_the_indexed_kernels_refuse_gradients():
+    from xtpath.models import cpu_scan
+
+    x = torch.randn(5, 8, requires_grad=True)
+    rows = torch.stack([torch.arange(5), torch.arange(5).flip(0)])
+    with pytest.raises(RuntimeError, match=r"cpu_scan.conv_silu_orders has no backward; call it under "
+                                           r"torch.no_grad\(\)"):
+        cpu_scan.conv_silu_orders(x, torch.randn(8, 4), torch.zeros(8), rows)
+    w, b = torch.randn(8, 4), torch.randn(8)
+    with torch.no_grad():  # under no_grad: order k is conv + silu of the tokens taken in that order
+        out = cpu_scan.conv_silu_orders(x, w, b, rows)
+        for k in range(2):
+            torch.testing.assert_close(out[k], cpu_scan.conv_silu(x[rows[k]][None], w, b)[0])
+    assert not torch.allclose(out[0], out[1].flip(0))  # causal: the reversed order is not the same conv

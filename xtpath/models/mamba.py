@@ -11,7 +11,11 @@ A layer of :class:`MambaContext` is xT's block ``h = LayerNorm(x); out = h + Mam
 a depthwise convolution over the token grid (holes are zeros) and several scan orders of the same tokens
 (row-major and column-major, both directions, by default), run as one batch through the shared mixer and
 averaged back in place. The mixer's input and output projections act on each token alone, so they run once
-per token, not once per order (the orders are averaged before ``out_proj``). ``scan="xt"`` keeps xT's
+per token, not once per order (the orders are averaged before ``out_proj``). Without gradients on CPU
+(scoring, validation, napari), the fused kernels go further: they read every order's rows straight from
+the projected tokens and add each order's outputs back at its tokens' rows, so no reordered copies are
+made (measured at 50k regions, default encoder, 2 cores: 12.1 s -> 10.6 s, peak memory 2.4 -> 1.5 GB;
+the same numbers as the reordering path, which training uses). ``scan="xt"`` keeps xT's
 plain version: one nested raster order, flipped on even layers, no grid convolution.
 
 Arrangement task (``benchmarks/arrangement.py``: 64 training slides, do two marked regions touch?), held-out
@@ -42,7 +46,7 @@ from xtpath.models.gridconv import GridConv, GridLayout
 from xtpath.models.kernels import cuda_selective_scan, use_cuda_kernel
 from xtpath.models.orders import inverse_permutation, permute_rows, scan_orders
 from xtpath.models.positions import sincos_2d
-from xtpath.models.scan import scan_time_major
+from xtpath.models.scan import default_chunk_size, scan_time_major
 
 __all__ = ["Mamba", "MambaBlock", "MambaContext"]
 
@@ -127,6 +131,31 @@ class Mamba(nn.Module):
                                    delta_bias=self.dt_proj.bias, delta_softplus=True)
         return y
 
+    def can_mix_orders(self, xz: Tensor) -> bool:
+        """Whether :meth:`mix_orders` applies: no gradients needed, CPU float32/64 (the weights' dtype, so not
+        under autocast) and the fused kernels available."""
+        return (not (torch.is_grad_enabled() and (xz.requires_grad or self.A_log.requires_grad))
+                and xz.shape[0] > 0 and xz.device.type == "cpu" and cpu_scan.available() and self.backend != "cuda"
+                and xz.dtype == self.conv1d.weight.dtype and xz.dtype in (torch.float32, torch.float64))
+
+    def mix_orders(self, xz: Tensor, index: Tensor) -> Tensor:
+        """:meth:`mix` of ``K`` orders of the same tokens, averaged back in token order, without gradients on
+        CPU (see :meth:`can_mix_orders`): ``xz`` ``(R, 2 d_inner)`` in token order, ``index`` ``(K, L)`` the
+        token of every step of every order; returns ``(R, d_inner)``. The same result as reordering ``xz``
+        with ``index``, :meth:`mix`, putting the outputs back and averaging, without making the reordered
+        copies (the kernels read and write through ``index``)."""
+        d = self.d_inner
+        x, z = xz[:, :d], xz[:, d:]
+        w = self.conv1d.weight[:, 0, :]
+        cb = self.conv1d.bias if self.conv1d.bias is not None else w.new_zeros(d)
+        u = cpu_scan.conv_silu_orders(x, w, cb, index)  # (K, L, d_inner)
+        dt, B, C = self._project(u)
+        A = -torch.exp(self.A_log.float()).to(u.dtype)  # as mix() does
+        chunk = self.scan_chunk or default_chunk_size(index.shape[1])
+        return cpu_scan.scan_orders_mean(u, dt, A, B, C, chunk, index, D=self.D.to(u.dtype), z=z,
+                                         delta_bias=self.dt_proj.bias.to(u.dtype), delta_softplus=True,
+                                         n_rows=xz.shape[0])
+
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x`` ``(B, L, d_inner)`` -> ``dt`` (before bias) ``(B, L, d_inner)``, ``B``, ``C`` ``(B, L, N)``."""
         dt, B, C = torch.split(self.x_proj(x), [self.dt_rank, self.d_state, self.d_state], dim=-1)
@@ -186,8 +215,12 @@ class MambaBlock(nn.Module):
         # projections K times (3.3x fewer multiply-adds with 4 orders; the same result up to rounding).
         if flip:  # reversed sequences: flip the permutations instead of the tensors
             index, inverse = index.flip(1), index.shape[1] - 1 - inverse
-        seqs = permute_rows(self.mixer.in_proj(u), index, inverse)  # (K, L + 1, 2 d_inner)
-        y = permute_rows(self.mixer.mix(seqs), inverse, index).mean(0)  # back in place, mean over orders
+        xz = self.mixer.in_proj(u)
+        if self.mixer.can_mix_orders(xz):  # inference on CPU: the kernels read and write through the index
+            y = self.mixer.mix_orders(xz, index)
+        else:
+            seqs = permute_rows(xz, index, inverse)  # (K, L + 1, 2 d_inner)
+            y = permute_rows(self.mixer.mix(seqs), inverse, index).mean(0)  # back in place, mean over orders
         return h + self.drop(self.mixer.out_proj(y))
 
 

@@ -162,6 +162,38 @@ def test_heatmap_overlay_lands_on_its_region(make_napari_viewer, white_slide):
     assert shot[just_in[1], just_in[0], 1] < 60
 
 
+def test_heatmap_of_a_region_padded_past_the_edge_stops_at_the_edge(make_napari_viewer, white_slide):
+    """Regions of 1024 px on a slide said to be 3584 px (3.5 regions) a side: the last region, padded past the
+    edge, is red up to x = y = 3584 and not beyond (the white image goes on there, so the cut is visible)."""
+    viewer = make_napari_viewer(show=True)
+    viewer.open(white_slide, plugin="napari-xt")
+    cells = np.array([[3, 3], [3, 0]])
+    (data, kwargs, _), = heatmap_layers(cells, np.array([[0.0, 1.0], [0.0, 1.0]]), ["neg", "pos"], 1024.0,
+                                        (0.5, 0.5), only=[1], slide_wh=(3584, 3584))
+    assert data.shape == (4 * 8, 4 * 8)  # 8 heatmap pixels a region side
+    assert np.isnan(data[28:, :]).all() and np.isnan(data[:, 28:]).all() and (data[24:28, 24:28] == 1).all()
+    kwargs.update(colormap="red", opacity=1.0)
+    viewer.add_image(data, **kwargs)
+    viewer.reset_view()
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+
+    def world(level0_xy):
+        return ((level0_xy[1] - 0.5) * 0.5, (level0_xy[0] - 0.5) * 0.5)
+
+    def red(xy):
+        x, y = _canvas_xy(viewer, shot.shape, world(xy))
+        r, g, b = shot[y, x, :3].astype(int)
+        return r > 200 and g < 60 and b < 60
+
+    assert red((3072 + 300, 3072 + 300)) and red((3584 - 60, 3072 + 300)) and red((512, 3584 - 60))
+    assert not red((3584 + 60, 3072 + 300)) and not red((3072 + 300, 3584 + 60)) and not red((512, 3584 + 60))
+    assert not red((2048 + 512, 3072 + 300))  # a region not scored
+    # a grid inside the slide keeps one pixel per region
+    (inner, _, _), = heatmap_layers(cells, np.ones((2, 2)), ["neg", "pos"], 1024.0, (0.5, 0.5), only=[1],
+                                    slide_wh=(4096, 4096))
+    assert inner.shape == (4, 4)
+
+
 def test_run_widget_scores_the_slide(make_napari_viewer, qtbot):
     viewer = make_napari_viewer(show=True)
     name = viewer.open(sample_paths()["slide"], plugin="napari-xt")[0].name

@@ -120,15 +120,35 @@ def _cell_transform(slide_scale: tuple[float, float], cell_um: tuple[float, floa
             "units": ("um", "um")}
 
 
+#: Heatmap pixels per region side when the last regions overhang the slide (regions padded at the edge):
+#: the overhang is cut to within 1/8 of a region, keeping a heatmap under :data:`EDGE_MAX_PIXELS` pixels.
+EDGE_SUBDIVIDE = 8
+EDGE_MAX_PIXELS = 16_000_000
+
+
+def _edge_subdivision(rows: int, cols: int, region_size: float, slide_wh: tuple[float, float] | None) -> int:
+    """Heatmap pixels per region side: 1, or more when the grid reaches past the slide's right or bottom edge."""
+    if slide_wh is None or (cols * region_size <= slide_wh[0] + 0.5 and rows * region_size <= slide_wh[1] + 0.5):
+        return 1
+    f = EDGE_SUBDIVIDE
+    while f > 1 and rows * cols * f * f > EDGE_MAX_PIXELS:
+        f //= 2
+    return f
+
+
 def heatmap_layers(cells: np.ndarray, probs: np.ndarray, classes: list[str], region_size: float,
-                   slide_mpp: tuple[float, float], *, only: list[int] | None = None) -> list[LayerData]:
+                   slide_mpp: tuple[float, float], *, only: list[int] | None = None,
+                   slide_wh: tuple[float, float] | None = None) -> list[LayerData]:
     """Per-class heatmaps (values 0..1, NaN = transparent outside the scored regions), placed on the regions.
 
-    ``cells`` are ``(row, col)`` on the slide's region grid; ``region_size`` in level-0 pixels.
+    ``cells`` are ``(row, col)`` on the slide's region grid; ``region_size`` in level-0 pixels. With the
+    slide's level-0 ``slide_wh``, regions padded past its right or bottom edge are drawn only up to the edge
+    (each region then takes :data:`EDGE_SUBDIVIDE` heatmap pixels a side).
     """
     rows, cols = int(cells[:, 0].max()) + 1, int(cells[:, 1].max()) + 1
+    f = _edge_subdivision(rows, cols, region_size, slide_wh)
     slide_scale = (slide_mpp[1], slide_mpp[0])
-    cell_um = (region_size * slide_mpp[1], region_size * slide_mpp[0])
+    cell_um = (region_size * slide_mpp[1] / f, region_size * slide_mpp[0] / f)
     out = []
     cmaps = ["magma", "viridis", "plasma", "inferno", "cividis", "turbo"]
     for c, name in enumerate(classes):
@@ -136,6 +156,11 @@ def heatmap_layers(cells: np.ndarray, probs: np.ndarray, classes: list[str], reg
             continue
         heat = np.full((rows, cols), np.nan, np.float32)
         heat[cells[:, 0], cells[:, 1]] = probs[:, c]
+        if f > 1 and slide_wh is not None:
+            heat = np.repeat(np.repeat(heat, f, axis=0), f, axis=1)
+            step = region_size / f  # level-0 pixels per heatmap pixel: NaN for those that start past the edge
+            heat[int(np.ceil(slide_wh[1] / step - 1e-6)):, :] = np.nan
+            heat[:, int(np.ceil(slide_wh[0] / step - 1e-6)):] = np.nan
         out.append((heat, {"name": f"P({name})", "colormap": cmaps[c % len(cmaps)], "contrast_limits": [0.0, 1.0],
                            "opacity": 0.55, "blending": "translucent", "interpolation2d": "nearest",
                            "metadata": {"xtpath_heatmap": name, "region_size": region_size,
@@ -281,7 +306,7 @@ def score_folder_layers(folder: Path) -> list[LayerData]:
         layers.append(mask_layer(folder / "mask.ome.tif", classes, mpp))
     else:
         target = [1] if len(classes) == 2 else list(range(len(classes)))
-        layers += heatmap_layers(cells, probs, classes, size, mpp, only=target)
+        layers += heatmap_layers(cells, probs, classes, size, mpp, only=target, slide_wh=slide.dimensions)
     layers.append(region_labels_layer(cells, coords, probs, classes, size, mpp))
     layers[0][1]["metadata"]["xtpath_prediction"] = rec
     for _, kwargs, _ in layers[1:]:  # exports of these layers stop at the slide's border

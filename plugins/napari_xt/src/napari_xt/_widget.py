@@ -47,6 +47,7 @@ class RunWidget(QWidget):
         self.last_update: Any = None
         self._scored: Any = None  # the slide layer of the last run, and what its results are called
         self._label = ""
+        self._slide_wh: tuple[float, float] | None = None  # level-0 size of the slide scored: heatmaps stop there
         # a result line about a slide that is no longer open would be read as the new slide's
         self.viewer.layers.events.removed.connect(self._on_layer_removed)
         self.model_edit = QLineEdit()
@@ -139,6 +140,8 @@ class RunWidget(QWidget):
         box = self.field_of_view(layer) if self.scope.currentText() == "field of view" else None
         mpp = layer.metadata.get("mpp")
         self._slide_mpp = tuple(mpp) if mpp else (1.0, 1.0)
+        wh = layer.metadata.get("level0_wh")
+        self._slide_wh = (float(wh[0]), float(wh[1])) if wh else None
         # results are named after the slide and scope: runs on two slides, or on the whole slide and a field of
         # view, keep their own layers instead of overwriting each other's
         self._scored, self._label = layer, layer.name + (" (field of view)" if box else "")
@@ -210,7 +213,8 @@ class RunWidget(QWidget):
         n = len(u.region_probs)
         cells, coords = np.asarray(u.cells[:n]), np.asarray(u.coords[:n])
         only = [self._target] if self._target is not None else None
-        layers = [*heatmap_layers(cells, u.region_probs, u.classes, u.region_size, self._slide_mpp, only=only),
+        layers = [*heatmap_layers(cells, u.region_probs, u.classes, u.region_size, self._slide_mpp, only=only,
+                                  slide_wh=self._slide_wh),
                   region_labels_layer(cells, coords, u.region_probs, u.classes, u.region_size, self._slide_mpp)]
         for data, kwargs, kind in layers:
             self._replace_layer(data, {**kwargs, "name": f"{self._label}: {kwargs['name']}"}, kind)
