@@ -97,6 +97,32 @@ def test_k_folds_cover_every_case_once_as_test():
         make_splits(_rows(40, cases, labels), labels, folds=30)
 
 
+def test_few_slides_per_class_still_get_validation_and_test_parts():
+    # 3 classes x 3 slides: 5 stratified folds (a fifth each) cannot be made; fewer, larger ones can
+    labels = [i % 3 for i in range(9)]
+    rows = _rows(9, labels=labels)
+    (s,) = make_splits(rows, labels, seed=0)
+    assert s.val and s.test and sorted(s.train + s.val + s.test) == list(range(9))
+    assert {labels[i] for i in s.test} == {0, 1, 2}  # still stratified: one slide of each class
+    # a split column with train and test rows only: a validation part is carved out of 4 + 4 train slides
+    labels = [0, 1] * 5
+    rows = _rows(10, labels=labels, splits=["train"] * 8 + ["test"] * 2)
+    (s,) = make_splits(rows, labels, seed=0)
+    assert s.test == [8, 9] and len(s.val) == 2 and {labels[i] for i in s.val} == {0, 1} and len(s.train) == 6
+    # a class with a single slide cannot be stratified at all: an unstratified split by case still gives parts
+    labels = [0, 0, 0, 0, 1]
+    (s,) = make_splits(_rows(5, labels=labels), labels, seed=0)
+    assert s.val and s.test and sorted(s.train + s.val + s.test) == list(range(5))
+
+
+def test_more_folds_than_the_largest_class_is_a_one_line_error():
+    labels = [0] * 6 + [1] * 6
+    with pytest.raises(InvalidParameterError, match=r"^--folds 7: stratified folds need a class with at least 7 "
+                                                    r"slides, the largest has 6; use at most 6 folds$"):
+        make_splits(_rows(12, labels=labels), labels, folds=7)
+    assert len(make_splits(_rows(12, labels=labels), labels, folds=6)) == 6
+
+
 def test_csv_split_column_is_used_and_checked():
     rows = _rows(6, cases=["a", "a", "b", "c", "d", "e"], labels=[0, 1] * 3,
                  splits=["train", "train", "train", "val", "test", "test"])

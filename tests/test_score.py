@@ -245,9 +245,51 @@ def test_report_with_labels(runs, tmp_path):
     r = _xtpath("report", out, "--labels", tmp_path / "l.csv")
     assert r.returncode == 1 and r.stderr.strip() == "error: l.csv:1: missing column(s) slide_id (found: id, lab); " \
         "the header needs slide_id", r.stderr
+    # the scoring model's run folder moved away: no slide can be left out, and the report says so
+    moved = tmp_path / "moved_scores"
+    shutil.copytree(out, moved)
+    meta = json.loads((moved / "score.json").read_text())
+    (moved / "score.json").write_text(json.dumps({**meta, "model": str(tmp_path / "gone" / "cls")}))
+    r = _xtpath("report", moved, "--labels", csv_path)
+    assert r.returncode == 0, r.stderr
+    assert f"warning: the model's training slides are unknown ({tmp_path / 'gone' / 'cls' / 'splits.csv'}" in r.stdout
+    assert "none could be left out: the metrics may include slides it trained on" in r.stdout
+    rep = json.loads((moved / "report" / "report.json").read_text())
+    assert rep["n_labelled"] == 8 and "excluded_seen" not in rep and "splits.csv" in rep["training_slides_unknown"]
     # a training run's folder is not a score folder
     r = _xtpath("report", root / "cls")
     assert r.returncode == 1 and "not a folder written by xtpath score" in r.stderr, r.stderr
+
+
+def test_slide_ids_that_name_score_outputs_are_refused_before_anything_is_written(runs, tmp_path):
+    root, csv_path = runs
+    lines = Path(csv_path).read_text().splitlines()
+    first, second = lines[1].split(",", 1), lines[2].split(",", 1)
+    bad = tmp_path / "reserved.csv"
+    bad.write_text("\n".join([lines[0], "cache," + first[1], "score.json," + second[1]]) + "\n")
+    out = tmp_path / "out"
+    r = _xtpath("score", bad, "--model", root / "cls", "--out", out)
+    assert r.returncode == 1
+    for line, sid in ((2, "cache"), (3, "score.json")):
+        assert f"error: reserved.csv:{line}: slide_id '{sid}' is a name xtpath score uses in {out} (cache, " \
+               "failures.csv, predictions.csv, report, score.json); rename the slide in the CSV" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_an_extraction_failure_says_where_score_takes_its_settings(runs, tmp_path):
+    # a blank (glass only) slide: extract would say "lower --min-tissue", an option score does not take
+    from xtpath.io.tiffwriter import write_pyramid_tiff
+
+    root, _ = runs
+    glass = tmp_path / "glass.tif"
+    write_pyramid_tiff(glass, np.full((1024, 1024, 3), 250, np.uint8), 1.0, compression="jpeg", min_size=256)
+    (tmp_path / "g.csv").write_text(f"slide_id,path\nglass,{glass}\n")
+    summary = score_slides(read_slides_csv(tmp_path / "g.csv"), root / "cls", tmp_path / "out")
+    msg = summary.failed["glass"]
+    assert "no region has at least 25% tissue" in msg and "lower --min-tissue (xtpath score extracts with the " \
+        f"training run's settings, {root / 'cls' / 'extract.json'}; to change them, make the cache with xtpath " \
+        "extract, the same encoder, --target-mpp and --region-px, and pass it with --cache)" in msg, msg
+    assert msg in (tmp_path / "out" / "failures.csv").read_text()
 
 
 def test_shards_cover_the_csv_exactly_once(runs, tmp_path):

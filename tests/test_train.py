@@ -14,13 +14,14 @@ import time
 import warnings
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
 import yaml
 
 from xtpath.demo_data import DemoSpec, make_demo_dataset
-from xtpath.errors import CacheError, InvalidParameterError, ManifestError
+from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, ManifestError
 from xtpath.extract import ExtractConfig, extract_slides
 from xtpath.io import read_slides_csv
 from xtpath.train import TrainConfig, load_config, train
@@ -151,6 +152,19 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     assert other.returncode == 1 and "settings differ from the run's config.yaml (context: 'mamba' -> 'abmil'; " \
         "epochs: 5 -> 7)" in other.stderr, other.stderr
     assert (run / "config.yaml").read_text() == saved
+    # another slides CSV (a slide dropped, one moved from val to train) would mix the run's splits: refused
+    lines = Path(csv_path).read_text().splitlines()
+    val_row = next(i for i, line in enumerate(lines) if line.endswith(",val"))
+    moved_id = lines[val_row].split(",")[0]
+    lines[val_row] = lines[val_row][: -len("val")] + "train"
+    changed = tmp_path / "changed.csv"
+    changed.write_text("\n".join(lines[:-1]) + "\n")
+    splits_before = (run / "splits.csv").read_text()
+    other = _run_cli("train", changed, "--out", run, "--device", "cpu", "--resume")
+    assert other.returncode == 1, other.stderr
+    assert f"--resume: the slides or their splits differ from {run / 'splits.csv'} (0 slides added; 1 removed; " \
+        f"1 with another label or part; e.g. {moved_id}: " in other.stderr and "val -> " in other.stderr, other.stderr
+    assert (run / "splits.csv").read_text() == splits_before
     # resumed without the config file: what is not given comes from the run's config.yaml
     resumed = _run_cli("train", csv_path, "--out", run, "--device", "cpu", "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -347,15 +361,23 @@ def test_k_fold_cross_validation(tmp_path):
     from xtpath.score import load_run
 
     assert load_run(tmp_path / "cv" / "fold1").classes == load_run(tmp_path / "cv").classes
+    with pytest.raises(CheckpointError, match=r"fold9: no such run folder; \S+cv has fold0, fold1, fold2$"):
+        load_run(tmp_path / "cv" / "fold9")
     # scores of one fold's model are reported on that fold's test slides only: its train and val parts are in
     # the CV root's splits.csv, under the fold's column (these synthetic slides have no pixels to score)
     from xtpath.report import _seen_in_training
 
     (tmp_path / "s1").mkdir()
     (tmp_path / "s1" / "score.json").write_text(json.dumps({"model": str(tmp_path / "cv" / "fold1")}))
-    seen, where = _seen_in_training(tmp_path / "s1")
-    assert where == tmp_path / "cv" / "splits.csv"
+    seen, where, unknown = _seen_in_training(tmp_path / "s1")
+    assert where == tmp_path / "cv" / "splits.csv" and unknown is None
     assert seen == {i for i in tested_in if tested_in[i] != "fold1"} and len(seen) < 12
+    # the run folder moved away: nothing can be left out, and the reason is given (report prints a warning)
+    (tmp_path / "s1" / "score.json").write_text(json.dumps({"model": str(tmp_path / "moved" / "fold1")}))
+    seen, where, unknown = _seen_in_training(tmp_path / "s1")
+    assert seen == set() and where is None
+    assert unknown == f"{tmp_path / 'moved' / 'fold1' / 'splits.csv'} (the scoring model's run, from score.json) " \
+                      "cannot be read: moved or deleted?"
 
 
 def test_bad_inputs_stop_before_training(demo, tmp_path):
@@ -519,3 +541,79 @@ def test_a_bad_value_names_the_yaml_file_it_came_from(tmp_path):
     with pytest.raises(InvalidParameterError, match=r"^epochs=0 must be at least 1$"):  # given on the command line
         load_config(bad, {"epochs": 0})
     assert load_config(bad, {"epochs": 2}).lr == 0.001
+
+
+def _foreign_caches(src: Path, dst: Path, attrs: dict) -> None:
+    """CLAM- or TRIDENT-style copies of xtpath caches: only ``coords`` (with ``attrs``) and ``features``."""
+    dst.mkdir()
+    for f in sorted(src.glob("*.h5")):
+        with h5py.File(f, "r") as a, h5py.File(dst / f.name, "w") as b:
+            b.create_dataset("coords", data=a["coords"][:]).attrs.update(attrs)
+            b.create_dataset("features", data=a["features"][:])
+
+
+def test_training_and_scoring_on_clam_and_trident_feature_files(demo, tmp_path):
+    from xtpath.score import score_slides
+
+    root, csv_path = demo
+    # the demo slides are 1 µm/px: 128-px regions at 1 µm/px are 128 level-0 pixels
+    _foreign_caches(root / "cache", tmp_path / "clam", {"patch_size": 128, "patch_level": 0, "downsample": [1, 1]})
+    _foreign_caches(root / "cache", tmp_path / "trident",
+                    {"patch_size": 128, "patch_size_level0": 128, "target_magnification": 10.0,
+                     "level0_magnification": 10.0})
+    # CLAM's files record no resolution: one line asking for it, before training
+    with pytest.raises(CacheError, match=r"clam/\w+\.h5: a feature file not made by xtpath \(CLAM-style: coords and "
+                                         r"features\) does not record the resolution of its patches; pass "
+                                         r"--target-mpp and --region-px"):
+        train(csv_path, tmp_path / "r0", _cfg(cache=str(tmp_path / "clam"), epochs=1, context="mean"),
+              show_progress=False, log=lambda m: None)
+    said = []
+    rep = train(csv_path, tmp_path / "r1", _cfg(cache=str(tmp_path / "clam"), epochs=1, context="mean",
+                                                target_mpp=1.0, region_px=128), show_progress=False, log=said.append)
+    assert rep["n_train"] + rep["n_val"] + rep["n_test"] == 8
+    assert any("training on feature files not made by xtpath" in m and "regions of 128 px at 1 µm/px" in m
+               for m in said), said
+    # TRIDENT's record it (10x = 1 µm/px)
+    trident_cfg = yaml.safe_load((tmp_path / "r1" / "config.yaml").read_text())
+    train(csv_path, tmp_path / "r2", _cfg(cache=str(tmp_path / "trident"), epochs=1, context="mean"),
+          show_progress=False, log=lambda m: None)
+    cfg2 = yaml.safe_load((tmp_path / "r2" / "config.yaml").read_text())
+    assert (cfg2["target_mpp"], cfg2["region_px"]) == (1.0, 128) == (trident_cfg["target_mpp"],
+                                                                      trident_cfg["region_px"])
+    # scoring with those files: the region size comes from CLAM's patch_size x downsample
+    rows = read_slides_csv(csv_path)
+    s = score_slides(rows[:2], tmp_path / "r1", tmp_path / "sc", cache_dir=tmp_path / "clam")
+    assert sorted(s.scored) == sorted(r.slide_id for r in rows[:2]) and not s.failed
+    with h5py.File(tmp_path / "sc" / rows[0].slide_id / "regions.h5", "r") as f, \
+            h5py.File(root / "cache" / f"{rows[0].slide_id}.h5", "r") as c:
+        assert np.array_equal(f["coords"][:], c["coords"][:]) and float(f["coords"].attrs["patch_size_level0"]) == 128
+    # without them, each slide fails with the reason (nothing is extracted with some other encoder)
+    s = score_slides(rows[2:4], tmp_path / "r1", tmp_path / "sc2", cache_dir=tmp_path / "empty")
+    assert not s.scored and set(s.failed) == {r.slide_id for r in rows[2:4]}
+    msg = s.failed[rows[2].slide_id]
+    assert "was trained on feature files not made by xtpath (its run has no extract.json), so xtpath cannot make " \
+           "them for this slide: give --cache with the slide's feature file from the same extractor" in msg
+    assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").glob("*.h5"))
+
+
+def test_a_split_without_validation_or_test_slides_is_said_and_reported_as_such(tmp_path):
+    # a split column with train and val rows only: the final metrics are on the val slides, which chose the epoch
+    csv_path = write_arrangement_dataset(tmp_path, 12, seed=4, split={"train": 8, "val": 4})
+    said = []
+    rep = train(csv_path, tmp_path / "a", _cfg(cache=str(tmp_path / "cache"), epochs=1, context="mean"),
+                show_progress=False, log=said.append)
+    assert "warning: no test slides: the final metrics are on the validation slides, which also chose the best " \
+           "epoch, so they flatter the model; add slides, or test rows to the CSV's split column" in said
+    assert rep["evaluated_on"] == "val" and rep["n_test"] == 0
+    # one training case and nothing else to hold out: neither part, and the report says it is the train split
+    lines = csv_path.read_text().splitlines()
+    one = tmp_path / "one.csv"
+    one.write_text("\n".join([lines[0]] + [ln.rsplit(",", 2)[0] + ",caseA,train" for ln in lines[1:4]]) + "\n")
+    said = []
+    rep = train(one, tmp_path / "b", _cfg(cache=str(tmp_path / "cache"), epochs=1, context="mean"),
+                show_progress=False, log=said.append)
+    assert any(m.startswith("warning: no validation slides (3 slides, too few per class to hold some out): the "
+                            "best epoch is chosen on the training slides") for m in said), said
+    assert "warning: no test slides: the final metrics are on the training slides, so they flatter the model; " \
+           "add slides, or test rows to the CSV's split column" in said
+    assert rep["evaluated_on"] == "train" and (rep["n_train"], rep["n_val"], rep["n_test"]) == (3, 0, 0)

@@ -229,6 +229,9 @@ class SlideFeatures:
     @property
     def region_size_level0(self) -> float | None:
         v = self.settings.get("region_size_level0") or self.attrs.get("patch_size_level0")
+        if v is None and self.attrs.get("patch_size") is not None:  # CLAM: patch_size at its level's downsample
+            v = float(np.atleast_1d(self.attrs["patch_size"])[0]) * \
+                float(np.atleast_1d(self.attrs.get("downsample", [1.0]))[0])
         if v is None:
             return None
         return float(np.atleast_1d(v)[0])

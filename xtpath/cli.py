@@ -582,6 +582,10 @@ def report(
         missing = rep["labelled_not_scored"]
         console.print(f"{len(missing)} labelled slides have no prediction (not scored, or failed): "
                       f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", soft_wrap=True)
+    if rep.get("training_slides_unknown"):
+        console.print(f"warning: the model's training slides are unknown ({rep['training_slides_unknown']}), so "
+                      "none could be left out: the metrics may include slides it trained on", soft_wrap=True,
+                      style="yellow", markup=False)
     if rep.get("excluded_seen"):
         console.print(f"left out {rep['excluded_seen']} labelled slides the model trained or validated on "
                       f"({rep['splits_file']})", soft_wrap=True)

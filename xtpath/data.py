@@ -188,25 +188,31 @@ def make_splits(rows: Sequence[SlideRow], labels: Sequence[int] | None, *, folds
       ``val`` get a validation part carved out of the training cases.
     * otherwise a stratified split by case with the given fractions.
     """
-    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
     n = len(rows)
     groups = np.array([r.case for r in rows])
     y = np.array(labels if labels is not None else [0] * n)
 
     def group_split(idx: np.ndarray, frac: float, salt: int) -> tuple[list[int], list[int]]:
-        """Split ``idx`` into (rest, part) with about ``frac`` of the cases in ``part``, stratified by label."""
-        if frac <= 0 or len(idx) < 2:
+        """Split ``idx`` into (rest, part) with about ``frac`` of the cases in ``part``, stratified by label.
+
+        With few slides per class, stratified folds of size ``frac`` cannot be made (scikit-learn needs a class
+        with as many slides as folds): fewer, larger folds are tried, then an unstratified split by case, so
+        that a small data set still gets a part rather than none."""
+        n_groups = len(set(groups[idx]))
+        if frac <= 0 or len(idx) < 2 or n_groups < 2:
             return idx.tolist(), []
-        k = max(2, min(int(round(1 / frac)), len(set(groups[idx]))))
-        if k < 2:
-            return idx.tolist(), []
-        try:
-            sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + salt)
-            with _rare_classes_said():
-                rest, part = next(sgkf.split(idx, y[idx], groups[idx]))
-        except ValueError:
-            return idx.tolist(), []
+        for k in range(max(2, min(int(round(1 / frac)), n_groups)), 1, -1):
+            try:
+                sgkf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed + salt)
+                with _rare_classes_said():
+                    rest, part = next(sgkf.split(idx, y[idx], groups[idx]))
+            except ValueError:
+                continue
+            return idx[rest].tolist(), idx[part].tolist()
+        gss = GroupShuffleSplit(n_splits=1, test_size=max(1, round(frac * n_groups)), random_state=seed + salt)
+        rest, part = next(gss.split(idx, y[idx], groups[idx]))
         return idx[rest].tolist(), idx[part].tolist()
 
     check_folds(folds)
@@ -214,6 +220,10 @@ def make_splits(rows: Sequence[SlideRow], labels: Sequence[int] | None, *, folds
         n_cases = len(set(groups))
         if folds > n_cases:
             raise InvalidParameterError(f"--folds {folds}: only {n_cases} cases; use at most {n_cases} folds")
+        largest = int(np.bincount(y).max()) if n else 0
+        if folds > largest:  # scikit-learn's stratified folds need a class with at least as many slides
+            raise InvalidParameterError(f"--folds {folds}: stratified folds need a class with at least {folds} "
+                                        f"slides, the largest has {largest}; use at most {largest} folds")
         sgkf = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
         with _rare_classes_said():
             parts = [test.tolist() for _, test in sgkf.split(np.arange(n), y, groups)]

@@ -17,26 +17,30 @@ from xtpath.score import PREDICTIONS_CSV, read_predictions
 __all__ = ["report"]
 
 
-def _seen_in_training(out: Path) -> tuple[set[str], Path | None]:
+def _seen_in_training(out: Path) -> tuple[set[str], Path | None, str | None]:
     """Slides the scoring model trained or validated on (any fold), from the run's ``splits.csv`` named by
-    ``OUT_DIR/score.json``: metrics on them would flatter the model."""
+    ``OUT_DIR/score.json``: metrics on them would flatter the model. The third value says why they are unknown
+    (no ``score.json``, the run folder moved): then no slide can be left out, and the report says so."""
     import csv
     import json
 
     try:
         run = Path(json.loads((out / "score.json").read_text())["model"])
-        splits, only = run / "splits.csv", None
-        if not splits.exists() and (run.parent / "splits.csv").exists():  # one fold of a CV run: its column
-            splits, only = run.parent / "splits.csv", run.name
+    except (OSError, ValueError, KeyError, TypeError):
+        return set(), None, f"{out / 'score.json'} is missing or names no model"
+    splits, only = run / "splits.csv", None
+    if not splits.exists() and (run.parent / "splits.csv").exists():  # one fold of a CV run: its column
+        splits, only = run.parent / "splits.csv", run.name
+    try:
         with open(splits, newline="") as f:
             table = list(csv.DictReader(f))
-    except (OSError, ValueError, KeyError, TypeError):
-        return set(), None
+    except OSError:
+        return set(), None, f"{splits} (the scoring model's run, from score.json) cannot be read: moved or deleted?"
     if only is not None and table and only not in table[0]:
-        return set(), None
+        return set(), None, f"{splits} has no column {only!r}"
     return {r["slide_id"] for r in table
             if any(v in ("train", "val") for k, v in r.items() if k not in ("slide_id", "label")
-                   and (only is None or k == only))}, splits
+                   and (only is None or k == only))}, splits, None
 
 
 def _task(out: Path, preds: list[dict[str, str]]) -> str:
@@ -103,7 +107,9 @@ def _held_out(out: Path, preds: list[dict[str, str]], labelled: set[str], rep: d
     """The scored slides with ground truth, less those the model trained or validated on (noted in ``rep``)."""
     rep["labelled_not_scored"] = sorted(labelled - {p["slide_id"] for p in preds})
     known = [p for p in preds if p["slide_id"] in labelled]
-    seen, splits_file = _seen_in_training(out)
+    seen, splits_file, unknown = _seen_in_training(out)
+    if unknown:
+        rep["training_slides_unknown"] = unknown
     if seen:
         rep["excluded_seen"] = sum(p["slide_id"] in seen for p in known)
         rep["splits_file"] = str(splits_file)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from xtpath.cache import cache_path, load_features, other_slide, read_settings, same_setting
-from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, XtpathError
+from xtpath.errors import CacheError, CheckpointError, InvalidParameterError, ManifestError, XtpathError
 from xtpath.extract import (
     ExtractConfig,
     clear_failure,
@@ -115,6 +115,10 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
     from xtpath.models.encoders import file_sha256, weights_path
 
     run = Path(run_dir)
+    if not run.is_dir():
+        folds = sorted(p.name for p in run.parent.glob("fold*") if (p / "model.safetensors").exists())
+        raise CheckpointError(f"{run}: no such run folder" + (f"; {run.parent} has {', '.join(folds)}" if folds else
+                                                              "; give the --out of xtpath train"))
     # one fold of a cross-validation scores on its own, with the run's class map and settings
     meta = run.parent if run.name.startswith("fold") and not (run / "classes.json").exists() else run
     if not (meta / "classes.json").exists():
@@ -495,6 +499,12 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
             summary.failed[r.slide_id] = recorded.get(r.slide_id) or (
                 f"no feature cache {cache_path(cache, r.slide_id)}; run xtpath extract first (or drop "
                 "--no-extract)")
+    elif need and not sm.extract.get("encoder"):  # trained on CLAM/TRIDENT files: nothing here can make them
+        for r in need:
+            summary.failed[r.slide_id] = (
+                f"no feature cache {cache_path(cache, r.slide_id)}; the model {sm.run_dir} was trained on feature "
+                "files not made by xtpath (its run has no extract.json), so xtpath cannot make them for this slide: "
+                "give --cache with the slide's feature file from the same extractor")
     elif need:
         ecfg = sm.extract_config()
         if batch_size:
@@ -502,7 +512,7 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
         ex = extract_on_device(need, ecfg, cache, device, encoder_settings(ecfg),
                                lambda e, d: progress("extract_" + e, d))
         for sid, msg in ex.failed.items():
-            summary.failed[sid] = msg
+            summary.failed[sid] = _in_score_terms(msg, sm)
     for row in todo:
         check_stop()
         if row.slide_id in summary.failed:
@@ -524,6 +534,33 @@ def _score_rows(sm: ScoreModel, rows: Sequence[SlideRow], cache: Path, out: Path
         progress("slide_done", {"slide_id": row.slide_id, "status": "done", "predicted": rec["predicted"],
                                 "regions": rec["n_regions"], "seconds": rec["seconds"]})
     return summary
+
+
+def _in_score_terms(msg: str, sm: ScoreModel) -> str:
+    """An extraction failure that suggests extract's options (``--min-tissue``, ``--target-mpp``...), which score
+    does not take: say where its settings come from and how to change them."""
+    if not any(opt in msg for opt in ("--target-mpp", "--region-px", "--min-tissue", "--preset", "--tissue-mode")):
+        return msg
+    return (f"{msg} (xtpath score extracts with the training run's settings, {sm.run_dir / 'extract.json'}; to "
+            "change them, make the cache with xtpath extract, the same encoder, --target-mpp and --region-px, and "
+            "pass it with --cache)")
+
+
+#: Names ``xtpath score`` (and ``report``) use inside ``OUT_DIR``: a slide's folder of that name would replace
+#: them, or fail to be made.
+RESERVED_NAMES = ("cache", "report", "score.json", PREDICTIONS_CSV, "failures.csv")
+
+
+def _check_reserved_ids(rows: Sequence[SlideRow], out: Path, cache: Path) -> None:
+    """A slide whose ``slide_id`` is one of the names score keeps in ``OUT_DIR`` (or the cache folder's, when it
+    is in ``OUT_DIR``) would overwrite it with its outputs: refused before anything is done."""
+    reserved = set(RESERVED_NAMES)
+    if cache.parent.resolve() == out.resolve():
+        reserved.add(cache.name)
+    bad = [f"{r.where}: slide_id {r.slide_id!r} is a name xtpath score uses in {out} "
+           f"({', '.join(sorted(reserved))}); rename the slide in the CSV" for r in rows if r.slide_id in reserved]
+    if bad:
+        raise ManifestError("\n".join(bad))
 
 
 def _write_failed_record(out: Path, row: SlideRow, error: str, msg: str) -> None:
@@ -576,6 +613,7 @@ def score_slides(rows: Sequence[SlideRow], run_dir: str | os.PathLike[str], out_
     cache = Path(cache_dir) if cache_dir else out / "cache"
     progress = progress or (lambda e, d: None)
     rows = shard_rows(rows, shard)
+    _check_reserved_ids(rows, out, cache)
     t0 = time.perf_counter()
     sm = load_run(run_dir, devices[0] if len(devices) == 1 else "cpu", weights)
     _check_cache_dir(sm, rows, cache)  # before OUT_DIR is made: a refused run leaves nothing behind

@@ -469,6 +469,11 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             # SHA-256 in a cache: from --weights, or kept from this run's earlier extract.json (--resume)
             weights = cfg.weights or _earlier_weights(run_dir / "extract.json", s0.get("weights_sha256"))
             ecfg = config_of_cache(s0, weights)
+        else:  # CLAM or TRIDENT feature files: the regions' resolution from TRIDENT's attributes or the options
+            cfg.target_mpp, cfg.region_px = _foreign_resolution(files[0], cfg.target_mpp, cfg.region_px)
+            progress(f"training on feature files not made by xtpath ({files[0].name}...): regions of "
+                     f"{cfg.region_px} px at {cfg.target_mpp:g} µm/px; xtpath score can use this model only with "
+                     "--cache holding such files (it cannot make them for new slides)")
     else:
         cfg.target_mpp = 0.5 if cfg.target_mpp is None else float(cfg.target_mpp)
         cfg.region_px = 256 if cfg.region_px is None else int(cfg.region_px)
@@ -499,12 +504,48 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
     if not cfg.folds and any(r.split for r in rows) and not any(r.split == "val" for r in rows) and splits[0].val:
         progress(f"the CSV's split column has no val rows: {len(splits[0].val)} of its train slides are held out "
                  "for validation (early stopping, choice of the best epoch)")
+    if not cfg.folds:
+        _say_missing_parts(splits[0], len(rows), progress)
+    elif any(r.split for r in rows):
+        progress(f"note: --folds {cfg.folds}: the CSV's split column is not used; the folds are drawn over all "
+                 f"{len(rows)} slides (drop --folds to train on the column's split)")
     if cfg.mode == "cached":
         sf = load_features(files[0])
         in_shape = tuple(sf.features.shape[1:])
     else:
         in_shape = ()
     return _Prepared(rows, classes, labels, files, splits, in_shape, enc_settings)
+
+
+def _foreign_resolution(path: Path, target_mpp: float | None, region_px: int | None) -> tuple[float, int]:
+    """``(target_mpp, region_px)`` of a CLAM or TRIDENT feature file: the options when given, else TRIDENT's
+    ``target_magnification`` and ``patch_size`` (20x = 0.5 µm/px); CLAM records no resolution."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        attrs = dict(f["coords"].attrs) if "coords" in f else {}
+    mag, size = attrs.get("target_magnification"), attrs.get("patch_size")
+    if target_mpp is None and mag is not None and float(np.atleast_1d(mag)[0]) > 0:
+        target_mpp = 10.0 / float(np.atleast_1d(mag)[0])
+    if region_px is None and size is not None and mag is not None:
+        region_px = int(np.atleast_1d(size)[0])
+    if target_mpp is None or region_px is None:
+        raise CacheError(f"{path}: a feature file not made by xtpath (CLAM-style: coords and features) does not "
+                         "record the resolution of its patches; pass --target-mpp and --region-px (e.g. "
+                         "--target-mpp 0.5 --region-px 256 for 256-px patches at 20x)")
+    return float(target_mpp), int(region_px)
+
+
+def _say_missing_parts(split: Any, n_rows: int, progress: Callable[[str], None]) -> None:
+    """Warn when a split has no validation or no test slides (too few slides to hold some out, or a split
+    column without them): the metrics then come from slides that also trained or chose the model."""
+    if not split.val:
+        progress(f"warning: no validation slides ({n_rows} slides, too few per class to hold some out): the best "
+                 "epoch is chosen on the training slides; add slides, or val rows to the CSV's split column")
+    if not split.test:
+        on = "validation slides, which also chose the best epoch" if split.val else "training slides"
+        progress(f"warning: no test slides: the final metrics are on the {on}, so they flatter the model; add "
+                 "slides, or test rows to the CSV's split column")
 
 
 def _earlier_weights(extract_json: Path, sha: Any) -> str | None:
@@ -857,8 +898,8 @@ def _fit_split(prep: _Prepared, split: Split, cfg: TrainConfig, out_dir: Path, d
         best = load_model(out_dir, map_location=device)
         if runner is not None:
             runner.load_encoder(out_dir)
-        ev = evaluate(best, eval_set, cfg, device, test_idx or val_idx, weights)
-        result["evaluated_on"] = "test" if test_idx else "val"
+        ev = evaluate(best, eval_set, cfg, device, test_idx or val_idx or train_idx, weights)
+        result["evaluated_on"] = "test" if test_idx else "val" if val_idx else "train"
         result["metrics"] = {k: v for k, v in ev.items() if k not in ("probs", "labels", "slide_ids")}
         _write_split_outputs(out_dir, ev, prep, cfg, state["history"], result)
     return result
@@ -968,6 +1009,8 @@ def train(csv_path: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg
             if not dist.main:
                 prep = _prepare(Path(csv_path), cfg, run, say)
         assert prep is not None
+        if resume and any(run.glob("**/last")):
+            _check_resumed_splits(run / "splits.csv", prep)
         if dist.main:
             cfg.classes = list(prep.classes)
             write_text(run / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -1039,6 +1082,34 @@ def _remove_unstarted_run(run: Path) -> None:
 def _write_splits(path: Path, prep: _Prepared) -> None:
     """``splits.csv``: each slide's part (train, val, test) in every split, so that a later evaluation can keep
     to the slides a model never trained on (``xtpath report --labels`` reads it)."""
+    write_text(path, _splits_text(prep))
+
+
+def _check_resumed_splits(path: Path, prep: _Prepared) -> None:
+    """``--resume`` trains on the run's own slides and splits: another CSV (slides added, removed, relabelled or
+    moved between train and test) would mix slides the model trained on into its test set."""
+    if not path.exists():
+        return
+    old, new = path.read_text(), _splits_text(prep)
+    if old == new:
+        return
+    before, after = (_split_rows(t) for t in (old, new))
+    changed = [k for k in before.keys() & after.keys() if before[k] != after[k]]
+    parts = [f"{len(after.keys() - before.keys())} slides added", f"{len(before.keys() - after.keys())} removed",
+             f"{len(changed)} with another label or part"]
+    example = sorted(changed)[:1]
+    if example:
+        parts.append(f"e.g. {example[0]}: {' '.join(before[example[0]])} -> {' '.join(after[example[0]])}")
+    raise InvalidParameterError(f"--resume: the slides or their splits differ from {path} ({'; '.join(parts)}); "
+                                "resume with the run's own slides CSV, or start a new run with another --out")
+
+
+def _split_rows(text: str) -> dict[str, tuple[str, ...]]:
+    rows = list(csv.reader(text.splitlines()))
+    return {r[0]: tuple(r[1:]) for r in rows[1:] if r}
+
+
+def _splits_text(prep: _Prepared) -> str:
     import io
 
     parts = []
@@ -1053,7 +1124,7 @@ def _write_splits(path: Path, prep: _Prepared) -> None:
     w.writerow(["slide_id", "label", *[s.name for s in prep.splits]])
     for i, r in enumerate(prep.rows):
         w.writerow([r.slide_id, r.label or "", *[p[i] for p in parts]])
-    write_text(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _out_of_fold(run: Path, prep: _Prepared) -> dict[str, Any]:
