@@ -63,6 +63,9 @@ def test_settings_differences_names_fields():
     other = {**SETTINGS, "encoder": "uni", "target_mpp": 1.0, "mpp": [0.25, 0.2500000001]}
     diffs = settings_differences(SETTINGS, other)
     assert diffs == ["encoder: 'enc' -> 'uni'", "target_mpp: 0.5 -> 1.0"]
+    # the tissue settings are a group: only the members that differ are named
+    other = {**SETTINGS, "tissue": {"min_tissue": 0.1, "edge": "pad"}}
+    assert settings_differences(SETTINGS, other) == ["tissue.min_tissue: 0.25 -> 0.1"]
 
 
 def test_trident_file(tmp_path):

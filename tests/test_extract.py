@@ -100,6 +100,15 @@ def test_resume_skips_matching_caches(extracted):
     assert sorted(again.skipped) == ["cmu", "os2", "tcga"] and again.done == []
     assert list(again.failed) == ["bad"]  # failures are retried, and fail again
     assert before == {p.name: p.stat().st_mtime_ns for p in (tmp / "cache").glob("*.h5")}
+    # another region order or feature dtype does not make a cache stale: kept, and said
+    other = ExtractConfig(**{**cfg.__dict__, "order": "hilbert", "dtype": "float16"})
+    with pytest.warns(UserWarning, match=r"^3 slide\(s\) already cached are kept as they were made \(\w+ has order "
+                                         r"raster \(asked hilbert\), dtype float32 \(asked float16\), \.\.\.\): "
+                                         r"the region order and the feature dtype do not make a cache stale; pass "
+                                         r"--overwrite to make them again$"):
+        again = extract_slides(read_slides_csv(csv), tmp / "cache", other)
+    assert sorted(again.skipped) == ["cmu", "os2", "tcga"]
+    assert before == {p.name: p.stat().st_mtime_ns for p in (tmp / "cache").glob("*.h5")}
 
 
 def test_other_settings_are_an_error_unless_overwrite(extracted, tmp_path):

@@ -124,6 +124,7 @@ def test_edges_and_shapes():
 @pytest.mark.parametrize("kwargs,name", [
     ({"target_mpp": 0}, "target_mpp"), ({"region_px": -3}, "region_px"), ({"edge": "wrap"}, "edge"),
     ({"order": "zigzag"}, "order"), ({"min_tissue": 2.0}, "min_tissue"), ({"encoder_px": 0}, "encoder_px"),
+    ({"slide_mpp": None}, "slide_mpp is None: the slide records no microns per pixel"),
 ])
 def test_bad_parameters_are_named(kwargs, name):
     args = {"slide_dimensions": (100, 100), "slide_mpp": 0.5, "target_mpp": 0.5, "region_px": 10}

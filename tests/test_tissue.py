@@ -149,7 +149,12 @@ def test_fraction_is_exact_on_a_hand_made_mask():
                       [30, 30, 20, 20],  # outside, partly beyond the slide
                       ], float)
     assert tm.fraction(boxes) == pytest.approx([1.0, 0.25, 1.0, 0.5, 0.0])
+    assert tm.fraction(boxes[0]) == pytest.approx([1.0])  # one box as a flat (4,) row
     assert tm.area_mm2 == pytest.approx(4 * 25 / 1e6)
+    # region corners alone (N, 2) are not boxes: the library's own error, naming what it needs
+    with pytest.raises(InvalidParameterError, match=r"^TissueMask.fraction: boxes must be \(N, 4\) rows of level-0 "
+                                                    r"\(x, y, w, h\), got shape \(5, 2\)"):
+        tm.fraction(boxes[:, :2])
 
 
 def test_params_validation():

@@ -288,9 +288,17 @@ def other_slide(stored: dict[str, Any], dimensions: tuple[int, int], fingerprint
 
 
 def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-    """The key settings (:data:`KEY_FIELDS`) that differ, as ``"name: stored -> wanted"`` strings."""
-    return [f"{k}: {stored.get(k)!r} -> {wanted.get(k)!r}" for k in KEY_FIELDS
-            if not same_setting(stored.get(k), wanted.get(k))]
+    """The key settings (:data:`KEY_FIELDS`) that differ, as ``"name: stored -> wanted"`` strings; for settings
+    that are groups (the tissue detector's), only the members that differ (``"tissue.min_area_um2: ..."``)."""
+    out = []
+    for k in KEY_FIELDS:
+        a, b = stored.get(k), wanted.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{m}: {a.get(m)!r} -> {b.get(m)!r}" for m in sorted(a.keys() | b.keys())
+                    if not same_setting(a.get(m), b.get(m))]
+        elif not same_setting(a, b):
+            out.append(f"{k}: {a!r} -> {b!r}")
+    return out
 
 
 def derive_grid(coords: np.ndarray, step: float | None = None) -> np.ndarray:

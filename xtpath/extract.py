@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from xtpath.cache import CacheWriter, cache_path, other_slide, read_settings, settings_differences
+from xtpath.cache import FEATURES, CacheWriter, cache_path, other_slide, read_settings, settings_differences
 from xtpath.errors import CacheError, InvalidParameterError, XtpathError
 from xtpath.io import SlideRow, open_slide
 from xtpath.io.files import atomic_path, file_fingerprint
@@ -444,7 +444,7 @@ def preflight(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: Path, enc
     """Stop before any work if a cache exists with other settings (unless ``overwrite``): all at once."""
     if cfg.overwrite:
         return
-    problems = []
+    problems, kept = [], []
     for row in rows:
         path = cache_path(cache_dir, row.slide_id)
         if not path.exists():
@@ -469,8 +469,32 @@ def preflight(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: Path, enc
         diffs = settings_differences(stored, wanted_settings(cfg, enc, mpp))
         if diffs:
             problems.append(f"{path}: made with other settings ({'; '.join(diffs)})")
+            continue
+        other = _kept_as_made(path, stored, cfg)
+        if other:
+            kept.append(f"{row.slide_id} has {other}")
     if problems:
         raise CacheError("\n".join(problems) + "\nrerun with --overwrite to redo these slides, or use another --out")
+    if kept:
+        more = ", ..." if len(kept) > 1 else ""
+        warnings.warn(f"{len(kept)} slide(s) already cached are kept as they were made ({kept[0]}{more}): the "
+                      "region order and the feature dtype do not make a cache stale; pass --overwrite to make them "
+                      "again", UserWarning, stacklevel=3)
+
+
+def _kept_as_made(path: Path, stored: dict[str, Any], cfg: ExtractConfig) -> str:
+    """What a cache with this run's key settings keeps that this run asks otherwise (``--order``, ``--dtype``)."""
+    import h5py
+
+    out = []
+    if str(stored.get("order", "raster")) != cfg.order:
+        out.append(f"order {stored.get('order', 'raster')} (asked {cfg.order})")
+    if cfg.dtype:
+        with h5py.File(path, "r") as f:
+            have = str(f[FEATURES].dtype)
+        if have != cfg.dtype:
+            out.append(f"dtype {have} (asked {cfg.dtype})")
+    return ", ".join(out)
 
 
 def _device_worker(rank: int, rows: list[SlideRow], cfg: ExtractConfig, cache_dir: Path, devices: list[str],

@@ -205,6 +205,9 @@ def make_region_grid(slide_dimensions: tuple[int, int], slide_mpp: float | tuple
     W, H = (int(v) for v in slide_dimensions)
     if W <= 0 or H <= 0:
         raise InvalidParameterError(f"slide_dimensions={slide_dimensions!r} must be positive")
+    if slide_mpp is None:
+        raise InvalidParameterError("slide_mpp is None: the slide records no microns per pixel; give it (the slides "
+                                    "CSV's mpp column, or open_slide(path, mpp=...))")
     mx, my = (slide_mpp, slide_mpp) if np.isscalar(slide_mpp) else slide_mpp  # type: ignore[misc]
     for name, v in (("slide_mpp", mx), ("slide_mpp", my), ("target_mpp", target_mpp), ("region_px", region_px)):
         _check_positive(name, v)

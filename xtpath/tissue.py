@@ -131,7 +131,11 @@ class TissueMask:
         Computed exactly on the mask grid: each mask pixel counts by the share of its area inside the box.
         Parts of a box outside the slide count as no tissue.
         """
-        boxes = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
+        boxes = np.asarray(boxes_xywh, dtype=np.float64)
+        if boxes.size % 4 or (boxes.ndim > 1 and boxes.shape[-1] != 4):
+            raise InvalidParameterError(f"TissueMask.fraction: boxes must be (N, 4) rows of level-0 (x, y, w, h), "
+                                        f"got shape {boxes.shape}; for region corners add the region size as w, h")
+        boxes = boxes.reshape(-1, 4)
         if len(boxes) == 0:
             return np.zeros(0)
         m = self.mask.astype(np.float64)
