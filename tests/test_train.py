@@ -88,8 +88,10 @@ def test_training_on_real_slides_lowers_the_loss_and_writes_the_run(demo, tmp_pa
     assert report["metrics"]["accuracy"] == rep["metrics"]["accuracy"]
     from PIL import Image
 
-    for png in ("loss.png", "roc.png", "confusion.png"):
+    for png in ("loss.png", "confusion.png"):
         assert Image.open(run / png).size[0] > 100
+    # 8 slides: the test part is one slide, a single class, so there is no ROC curve to draw
+    assert rep["n_test"] == 1 and rep["metrics"]["auc"] is None and not (run / "roc.png").exists()
     preds = (run / "predictions.csv").read_text().splitlines()
     assert preds[0] == "slide_id,label,predicted,p_apart,p_touch" and len(preds) == 1 + rep["n_test"]
     p = np.array([[float(v) for v in line.split(",")[3:]] for line in preds[1:]])

@@ -68,13 +68,17 @@ def save_figure(fig: Any, path: Path) -> None:
 
 def roc_and_confusion_plots(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], out_dir: Path, *,
                             title: str = "test") -> list[list[int]]:
-    """Write ``roc.png`` (one curve per class) and ``confusion.png``; return the confusion matrix."""
+    """Write ``roc.png`` (one curve per class) and ``confusion.png``; return the confusion matrix. With slides of a
+    single class there is no ROC curve: no ``roc.png`` (an earlier one is removed), the confusion matrix only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, confusion_matrix
 
+    if len(set(np.asarray(labels).tolist())) < 2:
+        (Path(out_dir) / "roc.png").unlink(missing_ok=True)
+        return _confusion_plot(probs, labels, classes, out_dir, title)
     fig, ax = plt.subplots(figsize=(5, 5))
     for c, name in enumerate(classes):
         if 0 < (labels == c).sum() < len(labels):
@@ -85,6 +89,14 @@ def roc_and_confusion_plots(probs: np.ndarray, labels: np.ndarray, classes: Sequ
     auc = classification_metrics(probs, labels, len(classes)).get("auc", math.nan)
     ax.set_title(f"ROC ({title}, macro AUC {auc:.3f})")
     save_figure(fig, Path(out_dir) / "roc.png")
+    return _confusion_plot(probs, labels, classes, out_dir, title)
+
+
+def _confusion_plot(probs: np.ndarray, labels: np.ndarray, classes: Sequence[str], out_dir: Path,
+                    title: str) -> list[list[int]]:
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
     cm = confusion_matrix(labels, probs.argmax(1), labels=list(range(len(classes))))
     fig, ax = plt.subplots(figsize=(5, 5))
     ConfusionMatrixDisplay(cm, display_labels=list(classes)).plot(ax=ax, colorbar=False)

@@ -122,6 +122,14 @@ def test_reader_says_what_to_open_for_the_other_xtpath_outputs(make_napari_viewe
             read(str(path))
         assert msg in str(e.value)
     assert get_reader(str(out / "demo_slide")) is not None  # one slide's folder opens
+    # a slide that failed to score: its folder (or prediction.json) gives the recorded reason
+    (out / "bad").mkdir()
+    (out / "bad" / "prediction.json").write_text(json.dumps(
+        {"slide_id": "bad", "status": "failed", "error": "CorruptSlideError", "message": "bad.svs: a damaged tile"}))
+    for path in (out / "bad", out / "bad" / "prediction.json"):
+        with pytest.raises(XtpathError, match=r"bad: xtpath score failed on slide 'bad', so there are no results to "
+                                              r"show: bad.svs: a damaged tile$"):
+            get_reader(str(path))(str(path))
     viewer = make_napari_viewer(show=True)  # what the person opening the folder reads
     with pytest.raises(Exception) as e:
         viewer.open(str(out), plugin="napari-xt")
@@ -194,7 +202,7 @@ def test_heatmap_of_a_region_padded_past_the_edge_stops_at_the_edge(make_napari_
     assert inner.shape == (4, 4)
 
 
-def test_run_widget_scores_the_slide(make_napari_viewer, qtbot):
+def test_run_widget_scores_the_slide(make_napari_viewer, qtbot, tmp_path):
     viewer = make_napari_viewer(show=True)
     name = viewer.open(sample_paths()["slide"], plugin="napari-xt")[0].name
     widget = RunWidget(viewer)
@@ -213,6 +221,26 @@ def test_run_widget_scores_the_slide(make_napari_viewer, qtbot):
     assert widget.progress.value() == 100 and widget.status.text() == f"done: {name}, {n} regions"
     heat = viewer.layers[f"{name}: P(touch)"].data
     assert np.isfinite(heat).sum() == n
+    level0_wh = viewer.layers[name].metadata["level0_wh"]
+    assert regions.metadata["slide_wh"] == list(level0_wh)  # exports cut at this slide, whatever is open later
+    # the same slide again with another model (other class names, regions twice as large): its layers carry the
+    # new model's classes and region size, and the old model's heatmap does not stay beside them
+    other = tmp_path / "other_run"
+    shutil.copytree(sample_paths()["run"], other)
+    (other / "classes.json").write_text(json.dumps(["benign", "tumour"]))
+    ext = json.loads((other / "extract.json").read_text())
+    (other / "extract.json").write_text(json.dumps({**ext, "region_px": 2 * ext["region_px"]}))
+    widget.model_edit.setText(str(other))
+    widget.run()
+    qtbot.waitUntil(lambda: widget.state in ("done", "error"), timeout=180_000)
+    assert widget.state == "done", widget.status.text()
+    assert f"{name}: P(tumour)" in viewer.layers and f"{name}: P(touch)" not in viewer.layers
+    regions = viewer.layers[f"{name}: region scores"]
+    assert regions.metadata["classes"] == ["benign", "tumour"] and {"prob_benign"} <= set(regions.features.columns)
+    mpp = viewer.layers[name].metadata["mpp"]
+    assert regions.metadata["region_size"] == pytest.approx(2 * ext["region_px"] * ext["target_mpp"] / mpp[0])
+    assert tuple(regions.scale[-2:]) == pytest.approx((regions.metadata["region_size"] * mpp[1],
+                                                       regions.metadata["region_size"] * mpp[0]))
     viewer.layers.remove(name)  # the slide closed: its result line goes too
     assert widget.result.text() == ""
 
@@ -245,6 +273,35 @@ def test_run_widget_cancels(make_napari_viewer, qtbot, tissue_slide, monkeypatch
     # stopped at the next chunk of 16 regions at the latest, with the heatmap of what was scored
     assert widget.last_update.done <= 32 < widget.last_update.total == 100
     assert f"cancelled after {widget.last_update.done} regions" in widget.status.text()
+
+
+def test_closing_the_slide_mid_run_stops_the_run(make_napari_viewer, qtbot, tissue_slide, monkeypatch):
+    import xtpath.score
+
+    real, closed = xtpath.score.iter_score_slide, threading.Event()
+
+    def held_after_first_chunk(*args, **kwargs):
+        for i, update in enumerate(real(*args, **kwargs)):
+            yield update
+            if i == 0:
+                closed.wait(120)
+
+    monkeypatch.setattr(xtpath.score, "iter_score_slide", held_after_first_chunk)
+    viewer = make_napari_viewer(show=True)
+    name = viewer.open(tissue_slide, plugin="napari-xt")[0].name
+    widget = RunWidget(viewer)
+    widget.model_edit.setText(str(sample_paths()["run"]))
+    widget.run()
+    qtbot.waitUntil(lambda: widget.last_update is not None or widget.state == "error", timeout=120_000)
+    assert widget.state == "running", widget.status.text()
+    qtbot.waitUntil(lambda: f"{name}: region scores" in viewer.layers, timeout=60_000)
+    viewer.layers.remove(name)
+    layers_after_close = [layer.name for layer in viewer.layers]
+    closed.set()
+    qtbot.waitUntil(lambda: not widget.cancel_button.isEnabled(), timeout=120_000)
+    assert widget.state == "cancelled" and widget.status.text() == f"cancelled: {name} was closed"
+    assert widget.result.text() == "" and widget.last_update.done < widget.last_update.total
+    assert [layer.name for layer in viewer.layers] == layers_after_close  # nothing added for the closed slide
 
 
 def test_run_widget_scores_the_field_of_view_only(make_napari_viewer, qtbot):
@@ -321,6 +378,26 @@ def test_export_to_geojson_and_read_back(make_napari_viewer, tmp_path, white_sli
     assert stroma.bounds == pytest.approx((2560, 1024, 3584, 2048), abs=1.0)
     assert stroma.area == pytest.approx(1024 * 1024, rel=0.01)
     assert slide.metadata["mpp"] == [mpp, mpp]
+    # an ellipse is exported as an ellipse, a line as a line, and shapes are cut at the slide's border (4096 px)
+    def world(x, y):
+        return [(y - 0.5) * mpp, (x - 0.5) * mpp]
+
+    drawn = viewer.add_shapes(
+        [np.array([world(100, 100), world(500, 100), world(500, 500), world(100, 500)]),  # circle, r 200
+         np.array([world(100, 1000), world(700, 1000)]),
+         np.array([world(3000, 3000), world(5000, 3000), world(3000, 5000)])],  # half of it past the slide
+        shape_type=["ellipse", "line", "polygon"], name="drawn", features={"class": ["Cell", "Scale", "Edge"]})
+    out2 = tmp_path / "drawn.geojson"
+    napari.save_layers(str(out2), [drawn], plugin="napari-xt")
+    feats = {f["properties"]["classification"]["name"]: f for f in json.loads(out2.read_text())["features"]}
+    circle, line, edge = (shape(feats[c]["geometry"]) for c in ("Cell", "Scale", "Edge"))
+    assert circle.geom_type == "Polygon" and circle.area == pytest.approx(np.pi * 200 ** 2, rel=0.01)
+    assert circle.centroid.coords[0] == pytest.approx((300, 300), abs=0.5)
+    assert feats["Scale"]["geometry"] == {"type": "LineString", "coordinates": [[100.0, 1000.0], [700.0, 1000.0]]}
+    # the triangle's part inside x, y < 4096: the square 3000..4096 less the corner past x + y = 8000 (legs of
+    # 192 px); clamping its corners to the border instead would give a 1096-px right triangle, half of it
+    assert edge.bounds == pytest.approx((3000, 3000, 4096, 4096)) and edge.is_valid
+    assert edge.area == pytest.approx(1096 ** 2 - 192 ** 2 / 2)
     # the export opens again as Shapes in the same place (level-0 pixels -> microns over the slide)
     back = viewer.open(out, plugin="napari-xt")
     polys = {c: d for c, d, t in zip(back[0].features["class"], back[0].data, back[0].shape_type) if t == "polygon"}

@@ -50,7 +50,24 @@ def _near_miss(p: Path) -> str | None:
         return f"{p}: a trained model's run folder; open a slide, then choose this folder in Plugins > Run xtpath model"
     if p.is_file() and p.name == "prediction.json" and _is_score_folder(p.parent):
         return f"{p}: open the slide's folder {p.parent} (the slide with its results)"
+    folder = p if p.is_dir() else p.parent if p.name == "prediction.json" else None
+    if folder is not None and (folder / "prediction.json").is_file() and not _is_score_folder(folder):
+        return _failed_slide(folder)
     return None
+
+
+def _failed_slide(folder: Path) -> str | None:
+    """The message of a slide that xtpath score failed on (its folder holds only ``prediction.json``)."""
+    import json
+
+    try:
+        rec = json.loads((folder / "prediction.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("status") != "failed":
+        return None
+    return (f"{folder}: xtpath score failed on slide {rec.get('slide_id', folder.name)!r}, so there are no results "
+            f"to show: {rec.get('message') or rec.get('error') or 'no reason recorded'}")
 
 
 def _refuse(message: str) -> Callable[[Any], list[LayerData]]:

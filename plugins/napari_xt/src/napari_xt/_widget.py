@@ -146,6 +146,7 @@ class RunWidget(QWidget):
         # view, keep their own layers instead of overwriting each other's
         self._scored, self._label = layer, layer.name + (" (field of view)" if box else "")
         self._target = 1 if len(sm.classes) == 2 else None
+        self._drop_stale_results(sm.classes)
         self.state, self.last_update = "running", None
         self.progress.setValue(0)
         self.status.setText(f"scoring {layer.name} with {Path(folder).name}…")
@@ -180,15 +181,39 @@ class RunWidget(QWidget):
         self._set_running(False)
         u = self.last_update
         whole = u is not None and u.done == u.total  # a Cancel after the last region leaves a whole result
-        if self.state == "running" or (self.state == "cancelled" and whole):
+        closed = self._scored not in self.viewer.layers
+        if not closed and (self.state == "running" or (self.state == "cancelled" and whole)):
             self.state = "done"
             self.status.setText(f"done: {self._label}, {u.total if u else 0} regions")
+        elif closed and self.state in ("running", "cancelled"):
+            self.state = "cancelled"
+            self.status.setText(f"cancelled: {self._label} was closed")
+            self.result.setText("")
         elif self.state == "cancelled":
             self.status.setText(f"cancelled after {u.done if u else 0} regions")
 
     def _on_layer_removed(self, event: Any) -> None:
-        if event.value is self._scored and self.state != "running":
-            self.result.setText("")
+        if event.value is not self._scored:
+            return
+        if self.state == "running":  # the slide was closed mid-run: stop, and add no more result layers
+            self.cancel()
+            self.status.setText(f"cancelling: {self._label} was closed…")
+        self.result.setText("")
+
+    def _result_names(self, classes: list[str]) -> set[str]:
+        """The layers a run of a model with these classes makes for the current label."""
+        shown = [classes[self._target]] if self._target is not None else classes
+        return {f"{self._label}: P({c})" for c in shown} | {f"{self._label}: region scores"}
+
+    def _drop_stale_results(self, classes: list[str]) -> None:
+        """Remove this label's result layers that a run with these classes will not replace (another model's
+        classes): left, they would sit beside the new results under the same slide's name."""
+        keep = self._result_names(classes)
+        for layer in list(self.viewer.layers):
+            md = layer.metadata or {}
+            if layer.name.startswith(f"{self._label}: ") and layer.name not in keep and \
+                    (md.get("xtpath_heatmap") or md.get("xtpath_regions")):
+                self.viewer.layers.remove(layer)
 
     def _replace_layer(self, data: Any, kwargs: dict[str, Any], kind: str) -> None:
         name = kwargs["name"]
@@ -197,6 +222,7 @@ class RunWidget(QWidget):
             layer.data = data
             for key in ("scale", "translate"):
                 setattr(layer, key, kwargs[key])
+            layer.metadata = kwargs["metadata"]  # classes, region size, slide: what exports read
             if kind == "image":
                 layer.reset_contrast_limits_range()
                 layer.contrast_limits = kwargs["contrast_limits"]
@@ -208,7 +234,7 @@ class RunWidget(QWidget):
     def _on_update(self, u: Any) -> None:
         self.last_update = u
         self.progress.setValue(int(100 * u.done / max(1, u.total)))
-        if u.region_probs is None:
+        if u.region_probs is None or self._scored not in self.viewer.layers:  # the slide was closed
             return
         n = len(u.region_probs)
         cells, coords = np.asarray(u.cells[:n]), np.asarray(u.coords[:n])
@@ -217,6 +243,8 @@ class RunWidget(QWidget):
                                   slide_wh=self._slide_wh),
                   region_labels_layer(cells, coords, u.region_probs, u.classes, u.region_size, self._slide_mpp)]
         for data, kwargs, kind in layers:
+            if self._slide_wh is not None:  # exports cut at this slide's border, whatever slide is open then
+                kwargs["metadata"]["slide_wh"] = list(self._slide_wh)
             self._replace_layer(data, {**kwargs, "name": f"{self._label}: {kwargs['name']}"}, kind)
         probs = ", ".join(f"{c} {p:.3f}" for c, p in zip(u.classes, u.slide_probs))
         final = " (final)" if u.done == u.total else f" (from {u.done}/{u.total} regions)"

@@ -7,6 +7,7 @@ QuPath uses.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import numpy as np
@@ -54,22 +55,67 @@ def _affine(meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return scale, translate
 
 
+#: Vertices of the polygon an ellipse is exported as (QuPath has no ellipse in GeoJSON).
+ELLIPSE_VERTICES = 72
+
+
+def _shape_geometry(xy: np.ndarray, shape_type: str) -> Any:
+    """A napari shape's vertices (level-0 ``(x, y)``) as a shapely geometry: ellipses as polygons through
+    :data:`ELLIPSE_VERTICES` points (napari gives the four corners of their bounding box), lines and paths as
+    line strings, rectangles and polygons as polygons."""
+    from shapely.geometry import LineString, Polygon
+
+    if shape_type in ("line", "path"):
+        return LineString(xy)
+    if shape_type == "ellipse":
+        centre = xy.mean(axis=0)
+        u, v = (xy[1] - xy[0]) / 2, (xy[3] - xy[0]) / 2  # half axes along the box's two sides (it may be rotated)
+        t = np.linspace(0, 2 * np.pi, ELLIPSE_VERTICES, endpoint=False)[:, None]
+        xy = centre + np.cos(t) * u + np.sin(t) * v
+    poly = Polygon(xy)
+    return poly if poly.is_valid else poly.buffer(0)  # a self-crossing polygon: its covered area
+
+
+def _geometry_features(geom: Any, cls: str) -> list[dict[str, Any]]:
+    """GeoJSON features (level-0 pixels, 2 decimals) of a clipped shapely geometry: its polygons as one
+    annotation, its lines as another."""
+    from shapely.geometry import mapping
+
+    polys = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type == "Polygon" and not g.is_empty]
+    lines = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type == "LineString" and not g.is_empty]
+    out = []
+    if polys:
+        rings = [[np.round(np.asarray(r.coords), 2).tolist() for r in (p.exterior, *p.interiors)] for p in polys]
+        out.append(polygon_feature(rings[0] if len(rings) == 1 else rings, object_type="annotation", name=cls,
+                                   color=(255, 200, 0)))
+    for line in lines:
+        out.append({"type": "Feature", "id": str(uuid.uuid4()),
+                    "geometry": {**mapping(line), "coordinates": np.round(np.asarray(line.coords), 2).tolist()},
+                    "properties": {"objectType": "annotation",
+                                   "classification": {"name": cls, "color": [255, 200, 0]}}})
+    return out
+
+
 def _shape_features(data: list[np.ndarray], meta: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """Shapes in level-0 pixels, cut at the slide's border (the part of each shape inside the slide; a shape
+    wholly outside it is left out)."""
+    from shapely.geometry import box
+
     mpp, bounds = _mpp(meta), _slide_wh(meta)
     scale, translate = _affine(meta)
     table = meta.get("features")
     classes = list(table["class"]) if table is not None and len(table) and "class" in table else None
+    types = meta.get("shape_type") or ["polygon"] * len(data)
+    slide = box(0.0, 0.0, bounds[0], bounds[1]) if bounds is not None else None
     feats = []
     for i, verts in enumerate(data):
         world = np.asarray(verts, dtype=float)[:, -2:] * scale + translate  # (y, x) in µm
         xy = np.stack([world[:, 1] / mpp[0] + 0.5, world[:, 0] / mpp[1] + 0.5], axis=1)
-        if bounds is not None:
-            xy = np.clip(xy, 0.0, bounds)
-        ring = np.round(xy, 2).tolist()
-        if ring[0] != ring[-1]:
-            ring.append(ring[0])
+        geom = _shape_geometry(xy, str(types[i]))
+        if slide is not None:
+            geom = geom.intersection(slide)
         cls = str(classes[i]) if classes else name
-        feats.append(polygon_feature([ring], object_type="annotation", name=cls, color=(255, 200, 0)))
+        feats += _geometry_features(geom, cls)
     return feats
 
 

@@ -1,0 +1,27 @@
+"""Metrics and their plots (scikit-learn underneath): what is written when a metric is undefined."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+from xtpath.metrics import classification_metrics, roc_and_confusion_plots
+
+
+def test_plots_of_two_classes_and_of_one(tmp_path):
+    probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    labels = np.array([0, 1, 1, 1])
+    cm = roc_and_confusion_plots(probs, labels, ["neg", "pos"], tmp_path)
+    assert cm == [[1, 0], [1, 2]]  # rows: truth, columns: prediction
+    for name in ("roc.png", "confusion.png"):
+        assert Image.open(tmp_path / name).size[0] > 100
+    m = classification_metrics(probs, labels, 2)
+    assert m["accuracy"] == 0.75 and m["auc"] == 1.0 and m["balanced_accuracy"] == (1.0 + 2 / 3) / 2
+    # one class only: no ROC curve exists, so no roc.png (and an earlier one goes); the confusion matrix stays
+    cm = roc_and_confusion_plots(probs[1:], labels[1:], ["neg", "pos"], tmp_path)
+    assert cm == [[0, 0], [1, 2]]
+    assert not (tmp_path / "roc.png").exists() and (tmp_path / "confusion.png").exists()
+    m = classification_metrics(probs[1:], labels[1:], 2)
+    assert math.isnan(m["auc"]) and math.isnan(m["balanced_accuracy"]) and m["accuracy"] == 2 / 3
