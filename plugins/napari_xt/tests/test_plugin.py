@@ -245,20 +245,26 @@ def test_run_widget_scores_the_slide(make_napari_viewer, qtbot, tmp_path):
     assert widget.result.text() == ""
 
 
-def test_run_widget_cancels(make_napari_viewer, qtbot, tissue_slide, monkeypatch):
+@pytest.fixture
+def held_run(monkeypatch):
+    """The real scoring, held after its first chunk until the test sets the returned event: otherwise a fast
+    machine scores all 100 regions before the test's click arrives (seen in CI) and there is nothing left."""
     import xtpath.score
 
-    # The real scoring, held after its first chunk until the test has pressed Cancel: otherwise a fast machine
-    # scores all 100 regions before the click arrives (seen in CI) and there is nothing left to cancel.
-    real, clicked = xtpath.score.iter_score_slide, threading.Event()
+    real, go_on = xtpath.score.iter_score_slide, threading.Event()
 
     def held_after_first_chunk(*args, **kwargs):
         for i, update in enumerate(real(*args, **kwargs)):
             yield update
             if i == 0:
-                clicked.wait(120)
+                go_on.wait(120)
 
     monkeypatch.setattr(xtpath.score, "iter_score_slide", held_after_first_chunk)
+    return go_on
+
+
+def test_run_widget_cancels(make_napari_viewer, qtbot, tissue_slide, held_run):
+    clicked = held_run
     viewer = make_napari_viewer(show=True)
     viewer.open(tissue_slide, plugin="napari-xt")
     widget = RunWidget(viewer)
@@ -275,18 +281,8 @@ def test_run_widget_cancels(make_napari_viewer, qtbot, tissue_slide, monkeypatch
     assert f"cancelled after {widget.last_update.done} regions" in widget.status.text()
 
 
-def test_closing_the_slide_mid_run_stops_the_run(make_napari_viewer, qtbot, tissue_slide, monkeypatch):
-    import xtpath.score
-
-    real, closed = xtpath.score.iter_score_slide, threading.Event()
-
-    def held_after_first_chunk(*args, **kwargs):
-        for i, update in enumerate(real(*args, **kwargs)):
-            yield update
-            if i == 0:
-                closed.wait(120)
-
-    monkeypatch.setattr(xtpath.score, "iter_score_slide", held_after_first_chunk)
+def test_closing_the_slide_mid_run_stops_the_run(make_napari_viewer, qtbot, tissue_slide, held_run):
+    closed = held_run
     viewer = make_napari_viewer(show=True)
     name = viewer.open(tissue_slide, plugin="napari-xt")[0].name
     widget = RunWidget(viewer)
