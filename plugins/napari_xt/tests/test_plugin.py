@@ -390,6 +390,7 @@ def test_export_to_geojson_and_read_back(make_napari_viewer, tmp_path, white_sli
     assert circle.geom_type == "Polygon" and circle.area == pytest.approx(np.pi * 200 ** 2, rel=0.01)
     assert circle.centroid.coords[0] == pytest.approx((300, 300), abs=0.5)
     assert feats["Scale"]["geometry"] == {"type": "LineString", "coordinates": [[100.0, 1000.0], [700.0, 1000.0]]}
+    assert line.length == pytest.approx(600) and line.area == 0
     # the triangle's part inside x, y < 4096: the square 3000..4096 less the corner past x + y = 8000 (legs of
     # 192 px); clamping its corners to the border instead would give a 1096-px right triangle, half of it
     assert edge.bounds == pytest.approx((3000, 3000, 4096, 4096)) and edge.is_valid
