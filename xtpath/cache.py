@@ -40,6 +40,7 @@ from xtpath.tiling import RegionGrid
 __all__ = [
     "COORDS", "GRID", "TISSUE", "FEATURES", "SCHEMA_VERSION", "KEY_FIELDS",
     "write_coords", "coords_attrs", "CacheWriter", "SlideFeatures", "load_features", "read_settings",
+    "read_coords_attrs", "feature_dtype",
     "settings_differences", "same_setting", "other_slide", "derive_grid", "cache_path",
 ]
 
@@ -228,13 +229,8 @@ class SlideFeatures:
 
     @property
     def region_size_level0(self) -> float | None:
-        v = self.settings.get("region_size_level0") or self.attrs.get("patch_size_level0")
-        if v is None and self.attrs.get("patch_size") is not None:  # CLAM: patch_size at its level's downsample
-            v = float(np.atleast_1d(self.attrs["patch_size"])[0]) * \
-                float(np.atleast_1d(self.attrs.get("downsample", [1.0]))[0])
-        if v is None:
-            return None
-        return float(np.atleast_1d(v)[0])
+        v = self.settings.get("region_size_level0")
+        return float(np.atleast_1d(v)[0]) if v is not None else _foreign_step(self.attrs)
 
 
 def _attr(v: Any) -> Any:
@@ -248,6 +244,33 @@ def _attr(v: Any) -> Any:
         with contextlib.suppress(json.JSONDecodeError):
             return json.loads(v)
     return v
+
+
+def _foreign_step(attrs: dict[str, Any]) -> float | None:
+    """Region side in level-0 pixels from a CLAM or TRIDENT ``coords`` dataset's attributes: TRIDENT's
+    ``patch_size_level0``, or CLAM's ``patch_size`` (at ``patch_level``) times that level's ``downsample``."""
+    if attrs.get("patch_size_level0") is not None:
+        return float(np.atleast_1d(attrs["patch_size_level0"])[0])
+    if attrs.get("patch_size") is not None:
+        return float(np.atleast_1d(attrs["patch_size"])[0]) * float(np.atleast_1d(attrs.get("downsample", [1.0]))[0])
+    return None
+
+
+def read_coords_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The attributes of a feature file's ``coords`` dataset (CLAM's and TRIDENT's patch settings), without
+    reading the features."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return {k: _attr(v) for k, v in f[COORDS].attrs.items()} if COORDS in f else {}
+
+
+def feature_dtype(path: str | os.PathLike[str]) -> str:
+    """The number type of a cache's stored features (``"float32"``, ``"float16"``)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return str(f[FEATURES].dtype)
 
 
 def read_settings(path: str | os.PathLike[str]) -> dict[str, Any] | None:
@@ -353,14 +376,8 @@ def load_features(path: str | os.PathLike[str], *, mmap: bool = False) -> SlideF
         else:
             settings = {}
             tissue = None
-            step = None
-            if "patch_size_level0" in attrs:
-                source, step = "trident", float(attrs["patch_size_level0"])
-            else:
-                source = "clam"
-                if "patch_size" in attrs:
-                    ds = np.atleast_1d(attrs.get("downsample", [1.0]))
-                    step = float(attrs["patch_size"]) * float(ds[0])
+            source = "trident" if "patch_size_level0" in attrs else "clam"
+            step = _foreign_step(attrs)
             grid = derive_grid(coords, step)
     if len(feats) != len(coords):
         raise CacheError(f"{path}: {len(feats)} feature rows but {len(coords)} coordinates")

@@ -28,7 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from xtpath.cache import FEATURES, CacheWriter, cache_path, other_slide, read_settings, settings_differences
+from xtpath.cache import (
+    CacheWriter,
+    cache_path,
+    feature_dtype,
+    other_slide,
+    read_settings,
+    settings_differences,
+)
 from xtpath.errors import CacheError, InvalidParameterError, XtpathError
 from xtpath.io import SlideRow, open_slide
 from xtpath.io.files import atomic_path, file_fingerprint
@@ -484,14 +491,11 @@ def preflight(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: Path, enc
 
 def _kept_as_made(path: Path, stored: dict[str, Any], cfg: ExtractConfig) -> str:
     """What a cache with this run's key settings keeps that this run asks otherwise (``--order``, ``--dtype``)."""
-    import h5py
-
     out = []
     if str(stored.get("order", "raster")) != cfg.order:
         out.append(f"order {stored.get('order', 'raster')} (asked {cfg.order})")
     if cfg.dtype:
-        with h5py.File(path, "r") as f:
-            have = str(f[FEATURES].dtype)
+        have = feature_dtype(path)
         if have != cfg.dtype:
             out.append(f"dtype {have} (asked {cfg.dtype})")
     return ", ".join(out)

@@ -74,7 +74,7 @@ def roc_and_confusion_plots(probs: np.ndarray, labels: np.ndarray, classes: Sequ
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay, confusion_matrix
+    from sklearn.metrics import RocCurveDisplay
 
     if len(set(np.asarray(labels).tolist())) < 2:
         (Path(out_dir) / "roc.png").unlink(missing_ok=True)

@@ -520,10 +520,9 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
 def _foreign_resolution(path: Path, target_mpp: float | None, region_px: int | None) -> tuple[float, int]:
     """``(target_mpp, region_px)`` of a CLAM or TRIDENT feature file: the options when given, else TRIDENT's
     ``target_magnification`` and ``patch_size`` (20x = 0.5 µm/px); CLAM records no resolution."""
-    import h5py
+    from xtpath.cache import read_coords_attrs
 
-    with h5py.File(path, "r") as f:
-        attrs = dict(f["coords"].attrs) if "coords" in f else {}
+    attrs = read_coords_attrs(path)
     mag, size = attrs.get("target_magnification"), attrs.get("patch_size")
     if target_mpp is None and mag is not None and float(np.atleast_1d(mag)[0]) > 0:
         target_mpp = 10.0 / float(np.atleast_1d(mag)[0])

@@ -19,7 +19,7 @@ import numpy as np
 
 from xtpath.io.files import write_json
 
-__all__ = ["mask_polygons", "polygon_feature", "box_feature", "tile_features", "feature_collection",
+__all__ = ["mask_polygons", "polygon_feature", "geometry_feature", "box_feature", "tile_features", "feature_collection",
            "write_geojson", "read_annotations"]
 
 Ring = list[list[float]]
@@ -126,7 +126,15 @@ def polygon_feature(polygon: Sequence[Ring] | Sequence[Sequence[Ring]], *, objec
                     ) -> dict[str, Any]:
     """One GeoJSON Feature; ``polygon`` is one polygon (list of rings) or several (a MultiPolygon)."""
     multi = bool(polygon) and isinstance(polygon[0][0][0], (list, tuple))
-    geometry = {"type": "MultiPolygon" if multi else "Polygon", "coordinates": polygon}
+    return geometry_feature({"type": "MultiPolygon" if multi else "Polygon", "coordinates": polygon},
+                            object_type=object_type, name=name, color=color, measurements=measurements, extra=extra)
+
+
+def geometry_feature(geometry: dict[str, Any], *, object_type: str = "annotation", name: str | None = None,
+                     color: tuple[int, int, int] | None = None, measurements: dict[str, float] | None = None,
+                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One GeoJSON Feature of any geometry (``{"type": "LineString", "coordinates": ...}``...) with QuPath's
+    properties: ``objectType``, a ``classification`` when ``name`` is given, ``measurements``."""
     props: dict[str, Any] = {"objectType": object_type}
     if name is not None:
         props["classification"] = {"name": name, "color": list(color) if color else [255, 0, 0]}

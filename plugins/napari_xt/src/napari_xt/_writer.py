@@ -7,14 +7,13 @@ QuPath uses.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import numpy as np
 
 from napari_xt._layers import viewer_slide_mpps, viewer_slide_sizes
 from xtpath.errors import XtpathError
-from xtpath.io.geojson import box_feature, mask_polygons, polygon_feature
+from xtpath.io.geojson import box_feature, geometry_feature, mask_polygons, polygon_feature
 from xtpath.io.geojson import write_geojson as _write_feature_collection
 from xtpath.score import region_colors
 
@@ -79,8 +78,6 @@ def _shape_geometry(xy: np.ndarray, shape_type: str) -> Any:
 def _geometry_features(geom: Any, cls: str) -> list[dict[str, Any]]:
     """GeoJSON features (level-0 pixels, 2 decimals) of a clipped shapely geometry: its polygons as one
     annotation, its lines as another."""
-    from shapely.geometry import mapping
-
     polys = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type == "Polygon" and not g.is_empty]
     lines = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type == "LineString" and not g.is_empty]
     out = []
@@ -89,10 +86,9 @@ def _geometry_features(geom: Any, cls: str) -> list[dict[str, Any]]:
         out.append(polygon_feature(rings[0] if len(rings) == 1 else rings, object_type="annotation", name=cls,
                                    color=(255, 200, 0)))
     for line in lines:
-        out.append({"type": "Feature", "id": str(uuid.uuid4()),
-                    "geometry": {**mapping(line), "coordinates": np.round(np.asarray(line.coords), 2).tolist()},
-                    "properties": {"objectType": "annotation",
-                                   "classification": {"name": cls, "color": [255, 200, 0]}}})
+        coords = np.round(np.asarray(line.coords), 2).tolist()
+        out.append(geometry_feature({"type": "LineString", "coordinates": coords}, object_type="annotation",
+                                    name=cls, color=(255, 200, 0)))
     return out
 
 
