@@ -33,3 +33,24 @@ def test_tile_features_geometry_class_and_measurements():
     assert doc["features"][0]["properties"]["classification"]["name"] == "normal"
     assert doc["features"][2]["geometry"]["coordinates"][0][1] == [1280.5, 0]
     assert len({f["id"] for f in doc["features"]}) == 3
+
+
+def test_read_features_splits_multi_geometries_and_read_annotations_keeps_polygons(tmp_path):
+    from xtpath.io.geojson import read_annotations, read_features
+
+    square = [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]]
+    feats = [
+        {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [square, square]},
+         "properties": {"classification": {"name": "Tumor"}}},
+        {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [5, 5]]}, "properties": {}},
+        {"type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": [[1, 2], [3, 4]]},
+         "properties": {"classification": {"name": "Cell"}}},
+        {"type": "Feature", "geometry": {"type": "GeometryCollection", "geometries": []}, "properties": {}},
+        None,
+    ]
+    p = tmp_path / "a.geojson"
+    p.write_text(json.dumps(feats))  # QuPath's "export as array"
+    assert read_features(p) == [("Tumor", "polygon", square), ("Tumor", "polygon", square),
+                                ("annotation", "line", [[0, 0], [5, 5]]), ("Cell", "point", [1, 2]),
+                                ("Cell", "point", [3, 4])]
+    assert read_annotations(p) == [("Tumor", square), ("Tumor", square)]

@@ -20,7 +20,7 @@ import numpy as np
 from xtpath.io.files import write_json
 
 __all__ = ["mask_polygons", "polygon_feature", "geometry_feature", "box_feature", "tile_features", "feature_collection",
-           "write_geojson", "read_annotations"]
+           "write_geojson", "read_features", "read_annotations"]
 
 Ring = list[list[float]]
 
@@ -212,11 +212,13 @@ def write_geojson(path: str | os.PathLike[str], features: list[dict[str, Any]]) 
     write_json(path, feature_collection(features), indent=None)
 
 
-def read_annotations(path: str | os.PathLike[str]) -> list[tuple[str, list[Ring]]]:
-    """Polygons of a QuPath GeoJSON export as ``(class name, [exterior, hole, ...])`` in level-0 pixels.
+def read_features(path: str | os.PathLike[str]) -> list[tuple[str, str, Any]]:
+    """Every geometry of a QuPath GeoJSON export as ``(class name, kind, coordinates)`` in level-0 pixels:
+    ``kind`` ``"polygon"`` (``[exterior, hole, ...]``), ``"line"`` (a list of points) or ``"point"``
+    (``[x, y]``); Multi* geometries are split into their parts, other geometry types are skipped.
 
-    Accepts a FeatureCollection, a list of features (QuPath's "export as array") or one feature; Polygon and
-    MultiPolygon geometries; the class is ``properties.classification.name`` (``"annotation"`` when missing).
+    Accepts a FeatureCollection, a list of features (QuPath's "export as array") or one feature; the class is
+    ``properties.classification.name`` (``"annotation"`` when missing).
 
     Raises
     ------
@@ -240,15 +242,31 @@ def read_annotations(path: str | os.PathLike[str]) -> list[tuple[str, list[Ring]
         feats = [data]
     else:
         raise ManifestError(f"{path}: expected a GeoJSON FeatureCollection, feature list or Feature")
-    out: list[tuple[str, list[Ring]]] = []
+    single = {"Polygon": "polygon", "LineString": "line", "Point": "point"}
+    multi = {"MultiPolygon": "polygon", "MultiLineString": "line", "MultiPoint": "point"}
+    out: list[tuple[str, str, Any]] = []
     for f in feats:
-        geom = (f or {}).get("geometry") or {}
-        props = (f or {}).get("properties") or {}
+        f = f if isinstance(f, dict) else {}
+        geom = f.get("geometry") or {}
+        props = f.get("properties") or {}
         cls = props.get("classification") or {}
         name = cls.get("name") if isinstance(cls, dict) else None
         name = str(name) if name else "annotation"
-        if geom.get("type") == "Polygon":
-            out.append((name, geom["coordinates"]))
-        elif geom.get("type") == "MultiPolygon":
-            out.extend((name, poly) for poly in geom["coordinates"])
+        kind = geom.get("type")
+        if kind in single:
+            out.append((name, single[kind], geom["coordinates"]))
+        elif kind in multi:
+            out.extend((name, multi[kind], part) for part in geom["coordinates"])
     return out
+
+
+def read_annotations(path: str | os.PathLike[str]) -> list[tuple[str, list[Ring]]]:
+    """Polygons of a QuPath GeoJSON export as ``(class name, [exterior, hole, ...])`` in level-0 pixels
+    (Polygon and MultiPolygon geometries of :func:`read_features`; lines and points have no area).
+
+    Raises
+    ------
+    ManifestError
+        The file is not valid JSON/GeoJSON.
+    """
+    return [(name, coords) for name, kind, coords in read_features(path) if kind == "polygon"]

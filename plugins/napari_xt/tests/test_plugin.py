@@ -136,6 +136,42 @@ def test_reader_says_what_to_open_for_the_other_xtpath_outputs(make_napari_viewe
     assert "open one slide's folder" in str(e.value) and not len(viewer.layers)
 
 
+def test_score_folder_of_a_moved_slide_draws_over_the_slide_open_from_its_new_place(make_napari_viewer, tmp_path):
+    """prediction.json names where the slide was scored; after a move, the same bytes open elsewhere take its place."""
+    from xtpath.errors import XtpathError
+    from xtpath.io.files import file_fingerprint
+
+    folder = tmp_path / "scored" / "demo_slide"
+    shutil.copytree(sample_paths()["scored"], folder)
+    moved = tmp_path / "elsewhere" / "renamed.tif"
+    moved.parent.mkdir()
+    shutil.copy(sample_paths()["slide"], moved)
+    rec = json.loads((folder / "prediction.json").read_text())
+    rec["slide_path"] = str(tmp_path / "gone" / "demo_slide.tif")
+    rec["slide_fingerprint"] = file_fingerprint(moved)
+    (folder / "prediction.json").write_text(json.dumps(rec))
+    viewer = make_napari_viewer(show=True)
+    with pytest.raises(XtpathError, match=r"its slide .*gone.demo_slide\.tif is not there \(moved, renamed or on another "
+                                          r"machine\); open the slide from where it is now, then this folder again"):
+        get_reader(str(folder))(str(folder))
+    viewer.open(str(moved), plugin="napari-xt")
+    viewer.open(str(folder), plugin="napari-xt")
+    assert [lay.name for lay in viewer.layers] == ["renamed", "P(touch)", "region scores"]  # no second slide layer
+    heat = viewer.layers["P(touch)"]
+    assert heat.metadata["slide_wh"] == viewer.layers["renamed"].metadata["level0_wh"]
+    assert len(viewer.layers["region scores"].features) == rec["n_regions"]
+    # a different slide open under the old name does not stand in for it
+    other = tmp_path / "other" / "demo_slide.tif"
+    other.parent.mkdir()
+    from xtpath.io.tiffwriter import write_pyramid_tiff
+
+    write_pyramid_tiff(other, np.full((512, 512, 3), 200, np.uint8), 0.5)
+    viewer.layers.clear()
+    viewer.open(str(other), plugin="napari-xt")
+    with pytest.raises(XtpathError, match="is not there"):
+        get_reader(str(folder))(str(folder))
+
+
 def _canvas_xy(viewer, shot_shape, world_yx):
     cam = viewer.camera
     h, w = shot_shape[:2]
@@ -328,15 +364,56 @@ def test_run_widget_scores_the_field_of_view_only(make_napari_viewer, qtbot):
 
 
 def test_run_widget_reports_a_slide_problem_in_one_line(make_napari_viewer, qtbot):
-    """A slide without mpp: the widget's status says so; nothing is re-raised (pytest-qt fails on that)."""
+    """A slide without tissue: the widget's status says so; nothing is re-raised (pytest-qt fails on that)."""
     viewer = make_napari_viewer(show=True)
     viewer.open(DATA / "openslide-python-boxes.tiff", plugin="napari-xt")
     widget = RunWidget(viewer)
     widget.model_edit.setText(str(sample_paths()["run"]))
+    widget.mpp_edit.setText("0.5")  # the file has no resolution
     widget.run()
     qtbot.waitUntil(lambda: widget.state in ("done", "error"), timeout=120_000)
-    assert widget.state == "error" and "--mpp" in widget.status.text(), widget.status.text()
+    assert widget.state == "error" and "no region has at least" in widget.status.text(), widget.status.text()
     assert widget.run_button.isEnabled()
+
+
+def test_run_widget_scores_a_slide_without_mpp_at_the_typed_mpp(make_napari_viewer, qtbot, tmp_path):
+    """A slide file with no resolution: Run says to type the µm/px; typed, the run scores at it, and the results
+    lie on the slide, which is drawn in pixels."""
+    import tifffile
+
+    from xtpath.demo_data import CELL_PX, _load_textures
+
+    tex = _load_textures()
+    img = np.zeros((2 * CELL_PX, 3 * CELL_PX, 3), np.uint8)
+    for i, tile in enumerate((tex["dense"] + tex["pink"])[:6]):
+        r, c = divmod(i, 3)
+        img[r * CELL_PX:(r + 1) * CELL_PX, c * CELL_PX:(c + 1) * CELL_PX] = tile
+    path = tmp_path / "no_mpp.tif"
+    tifffile.imwrite(path, img, photometric="rgb", tile=(256, 256))  # no resolution tags
+    viewer = make_napari_viewer(show=True)
+    slide = viewer.open(path, plugin="napari-xt")[0]
+    assert slide.metadata["mpp"] is None
+    widget = RunWidget(viewer)
+    widget.model_edit.setText(str(sample_paths()["run"]))
+    widget.run()
+    assert widget.state == "error" and widget.status.text() == (
+        "error: no_mpp has no µm/px in its file: type it in the µm/px field (e.g. 0.25 at 40x, 0.5 at 20x) and "
+        "press Run again")
+    for bad in ("abc", "-1", "0", "inf"):
+        widget.mpp_edit.setText(bad)
+        widget.run()
+        assert widget.state == "error" and f"µm/px must be a positive number (e.g. 0.25 at 40x, 0.5 at 20x), got " \
+            f"{bad!r}" in widget.status.text()
+    widget.mpp_edit.setText("0.5")
+    widget.run()
+    qtbot.waitUntil(lambda: widget.state in ("done", "error"), timeout=180_000)
+    assert widget.state == "done", widget.status.text()
+    feats = viewer.layers["no_mpp: region scores"].features
+    size = json.loads((sample_paths()["scored"] / "prediction.json").read_text())["region_size_level0"]
+    assert len(feats) == 6 and size == CELL_PX  # one region per cell at the typed 0.5 µm/px
+    assert sorted(zip(feats["x"], feats["y"])) == sorted((c * CELL_PX, r * CELL_PX) for r in range(2) for c in range(3))
+    heat = viewer.layers["no_mpp: P(touch)"]
+    assert tuple(heat.scale) == (CELL_PX, CELL_PX)  # level-0 pixels, as the slide layer is drawn
 
 
 def test_run_widget_says_what_is_missing(make_napari_viewer):
@@ -400,6 +477,46 @@ def test_export_to_geojson_and_read_back(make_napari_viewer, tmp_path, white_sli
     polys = {c: d for c, d, t in zip(back[0].features["class"], back[0].data, back[0].shape_type) if t == "polygon"}
     assert set(polys) == {"Tumor", "Stroma"}
     assert np.allclose(np.sort(polys["Tumor"], 0), np.sort(shapes.data[0], 0), atol=1e-6)
+
+
+def test_points_and_lines_open_and_export_back(make_napari_viewer, tmp_path, white_slide):
+    """QuPath points (e.g. cell counts) open as a Points layer, lines as paths; both export to the same places."""
+    from shapely.geometry import Polygon, shape
+
+    pts = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [1000.5, 600.5]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Mitosis"}}},
+        {"type": "Feature", "geometry": {"type": "MultiPoint", "coordinates": [[200.5, 300.5], [5000, 10]]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Lymphocyte"}}}]}
+    only_points = tmp_path / "cells.geojson"
+    only_points.write_text(json.dumps(pts))
+    viewer = make_napari_viewer(show=True)
+    viewer.open(white_slide, plugin="napari-xt")
+    mpp = 0.5
+    layers = viewer.open(only_points, plugin="napari-xt")  # points only: one Points layer, no empty Shapes
+    assert [(lay.name, type(lay).__name__) for lay in layers] == [("cells", "Points")]
+    cells = layers[0]
+    assert list(cells.features["class"]) == ["Mitosis", "Lymphocyte", "Lymphocyte"]
+    assert np.allclose(cells.data[:2], [[600 * mpp, 1000 * mpp], [300 * mpp, 200 * mpp]])
+    mixed = {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[100, 1000], [700, 1000], [700, 1500]]},
+         "properties": {"classification": {"name": "Margin"}}},
+        {"type": "Feature", "geometry": {"type": "Polygon",
+                                         "coordinates": [[[10, 10], [60, 10], [60, 40], [10, 10]]]},
+         "properties": {"classification": {"name": "Tumor"}}}, *pts["features"][:1]]}
+    (tmp_path / "mixed.geojson").write_text(json.dumps(mixed))
+    shapes, points = viewer.open(tmp_path / "mixed.geojson", plugin="napari-xt")
+    assert (shapes.name, points.name) == ("mixed", "mixed points")
+    assert list(shapes.shape_type) == ["path", "polygon"] and list(shapes.features["class"]) == ["Margin", "Tumor"]
+    out = tmp_path / "back.geojson"
+    napari.save_layers(str(out), [shapes, points, cells], plugin="napari-xt")
+    got = [(f["properties"]["classification"]["name"], f["geometry"]) for f in json.loads(out.read_text())["features"]]
+    assert ("Margin", {"type": "LineString", "coordinates": [[100.0, 1000.0], [700.0, 1000.0], [700.0, 1500.0]]}) in got
+    tumor = [shape(g) for n, g in got if n == "Tumor"]
+    assert len(tumor) == 1 and tumor[0].equals(Polygon([(10, 10), (60, 10), (60, 40)]))
+    points_back = sorted((n, tuple(g["coordinates"])) for n, g in got if g["type"] == "Point")
+    # the point at x 5000 lies past the 4096-px slide and is left out
+    assert points_back == [("Lymphocyte", (200.5, 300.5)), ("Mitosis", (1000.5, 600.5)), ("Mitosis", (1000.5, 600.5))]
 
 
 def test_segmentation_folder_and_bare_mask_export_in_level0_pixels(make_napari_viewer, tmp_path, white_slide):

@@ -91,18 +91,23 @@ def slide_layer(slide: Any) -> LayerData:
     return (levels if len(levels) > 1 else levels[0], kwargs, "image")
 
 
-def _viewer_slides(key: str) -> set[tuple[float, float]]:
-    """``metadata[key]`` (x, y) of every xtpath slide open in napari's current viewer (empty without one)."""
+def _viewer_slide_layers() -> list[Any]:
+    """The xtpath slide layers open in napari's current viewer (empty without one)."""
     try:
         import napari
 
         viewer = napari.current_viewer()
     except ImportError:  # pragma: no cover - only called from napari
-        return set()
+        return []
     if viewer is None:
-        return set()
-    return {(float(lay.metadata[key][0]), float(lay.metadata[key][1])) for lay in viewer.layers
-            if lay.metadata.get("xtpath_slide") and lay.metadata.get(key)}
+        return []
+    return [lay for lay in viewer.layers if lay.metadata.get("xtpath_slide")]
+
+
+def _viewer_slides(key: str) -> set[tuple[float, float]]:
+    """``metadata[key]`` (x, y) of every xtpath slide open in napari's current viewer (empty without one)."""
+    return {(float(lay.metadata[key][0]), float(lay.metadata[key][1])) for lay in _viewer_slide_layers()
+            if lay.metadata.get(key)}
 
 
 def viewer_slide_mpps() -> set[tuple[float, float]]:
@@ -243,31 +248,47 @@ def mask_file_layers(mask_path: Path, slide_mpp: tuple[float, float] | None) -> 
 
 
 def annotation_layers(path: Path, slide_mpp: tuple[float, float] | None) -> list[LayerData]:
-    """A QuPath GeoJSON (level-0 pixels) as a Shapes layer in microns over the slide (``slide_mpp``; world =
-    pixels when no slide is known), one polygon per exterior ring with its class as the ``class`` feature.
-    Holes are left out (napari shapes have none)."""
-    from xtpath.io.geojson import read_annotations
+    """A QuPath GeoJSON (level-0 pixels) as layers in microns over the slide (``slide_mpp``; world = pixels when
+    no slide is known): polygons (one per exterior ring; napari shapes have no holes) and lines as one Shapes
+    layer, points as a Points layer, each with its class as the ``class`` feature."""
+    from xtpath.io.geojson import read_features
 
     mpp = slide_mpp or (1.0, 1.0)
-    polys, classes = [], []
-    for name, rings in read_annotations(path):
-        ring = np.asarray(rings[0], float)
-        if len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
-            ring = ring[:-1]
-        if len(ring) < 3:
-            continue
+
+    def world(xy: Any) -> np.ndarray:
         # level-0 continuous (x, y) -> world (y, x) in µm: pixel i's centre (i + 0.5) sits at i * mpp
-        polys.append(np.stack([(ring[:, 1] - 0.5) * mpp[1], (ring[:, 0] - 0.5) * mpp[0]], axis=1))
-        classes.append(name)
+        a = np.asarray(xy, float).reshape(-1, 2)
+        return np.stack([(a[:, 1] - 0.5) * mpp[1], (a[:, 0] - 0.5) * mpp[0]], axis=1)
+
+    shapes, kinds, shape_classes, points, point_classes = [], [], [], [], []
+    for name, kind, coords in read_features(path):
+        if kind == "point":
+            points.append(world(coords)[0])
+            point_classes.append(name)
+            continue
+        ring = np.asarray(coords[0] if kind == "polygon" else coords, float)
+        if kind == "polygon" and len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
+            ring = ring[:-1]
+        if len(ring) < (3 if kind == "polygon" else 2):
+            continue
+        shapes.append(world(ring))
+        kinds.append("polygon" if kind == "polygon" else "path")
+        shape_classes.append(name)
     meta: dict[str, Any] = {"xtpath_annotations": str(path)}
     if slide_mpp:
         meta["slide_mpp"] = list(slide_mpp)
-    kwargs: dict[str, Any] = {"name": path.name.split(".")[0], "shape_type": "polygon", "edge_width": 2 * mpp[0],
-                              "face_color": "transparent", "edge_color": "yellow",
-                              "features": {"class": classes}, "metadata": meta}
-    if slide_mpp:
-        kwargs["units"] = ("um", "um")
-    return [(polys, kwargs, "shapes")]
+    units = {"units": ("um", "um")} if slide_mpp else {}
+    name = path.name.split(".")[0]
+    layers: list[LayerData] = []
+    if shapes or not points:
+        layers.append((shapes, {"name": name, "shape_type": kinds, "edge_width": 2 * mpp[0],
+                                "face_color": "transparent", "edge_color": "yellow",
+                                "features": {"class": shape_classes}, "metadata": dict(meta), **units}, "shapes"))
+    if points:
+        layers.append((np.asarray(points), {"name": f"{name} points" if shapes else name, "size": 10 * mpp[0],
+                                            "face_color": "yellow", "features": {"class": point_classes},
+                                            "metadata": dict(meta), **units}, "points"))
+    return layers
 
 
 def tissue_layer(mask_png: Path, slide: Any) -> LayerData:
@@ -294,6 +315,15 @@ def score_folder_layers(folder: Path) -> list[LayerData]:
     slide_path = Path(rec["slide_path"])
     if not slide_path.is_absolute():  # a relative path is relative to the score folder (bundled samples)
         slide_path = (folder / slide_path).resolve()
+    moved = not slide_path.exists()
+    if moved:  # draw the results over the same slide open from its new place (same bytes: same fingerprint)
+        slide_path = _open_slide_with(rec.get("slide_fingerprint")) or slide_path
+        if not slide_path.exists():
+            from xtpath.errors import XtpathError
+
+            raise XtpathError(f"{folder}: its slide {rec['slide_path']} is not there (moved, renamed or on another "
+                              "machine); open the slide from where it is now, then this folder again: the results "
+                              "are drawn over an open slide with the same content")
     slide = open_slide(slide_path, mpp=tuple(rec["slide_mpp"]))
     mpp = tuple(rec["slide_mpp"])
     layers = [slide_layer(slide)]
@@ -311,4 +341,20 @@ def score_folder_layers(folder: Path) -> list[LayerData]:
     layers[0][1]["metadata"]["xtpath_prediction"] = rec
     for _, kwargs, _ in layers[1:]:  # exports of these layers stop at the slide's border
         kwargs["metadata"]["slide_wh"] = list(slide.dimensions)
-    return layers
+    return layers[1:] if moved else layers  # a moved slide is open already: only its results are added
+
+
+def _open_slide_with(fingerprint: str | None) -> Path | None:
+    """The file of an xtpath slide open in napari's current viewer whose bytes have ``fingerprint`` (see
+    :func:`xtpath.io.files.file_fingerprint`), or ``None``."""
+    if not fingerprint:
+        return None
+    from xtpath.io.files import file_fingerprint
+
+    for path in (Path(lay.metadata["xtpath_slide"]) for lay in _viewer_slide_layers()):
+        try:
+            if path.exists() and file_fingerprint(path) == fingerprint:
+                return path
+        except OSError:
+            continue
+    return None

@@ -88,9 +88,9 @@ def _reads(p: Path, probe: Callable[[Path], Any]) -> bool:
 
 
 def _annotations(p: Path) -> Any:
-    from xtpath.io.geojson import read_annotations
+    from xtpath.io.geojson import read_features
 
-    return read_annotations(p)
+    return read_features(p)
 
 
 def _label_names(p: Path) -> Any:

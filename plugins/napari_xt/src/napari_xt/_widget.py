@@ -1,8 +1,10 @@
 """Run widget: score the slide on screen with a trained xtpath model, in the background, filling a heatmap.
 
 Choose a run folder (``xtpath train --out``), a device and a scope (the whole slide or the current field of
-view) and press Run. Regions are encoded in a worker thread; the heatmap, the region scores and the slide-level
-probabilities update as regions finish. Cancel stops at the next chunk of regions.
+view) and press Run. A slide whose file holds no resolution needs its µm/px typed in (a typed value overrides
+the file's, as a slides CSV's ``mpp`` column does). Regions are encoded in a worker thread; the heatmap, the
+region scores and the slide-level probabilities update as regions finish. Cancel stops at the next chunk of
+regions.
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ class RunWidget(QWidget):
         self.device.addItems(_devices())
         self.scope = QComboBox()
         self.scope.addItems(["whole slide", "field of view"])
+        self.mpp_edit = QLineEdit()
+        self.mpp_edit.setPlaceholderText("from the slide file")
+        self.mpp_edit.setToolTip("Microns per level-0 pixel, for slides whose file does not say "
+                                 "(about 0.25 at 40x, 0.5 at 20x); overrides the file's value")
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -76,6 +82,7 @@ class RunWidget(QWidget):
         form.addRow("Model", row)
         form.addRow("Device", self.device)
         form.addRow("Scope", self.scope)
+        form.addRow("µm/px", self.mpp_edit)
         buttons = QHBoxLayout()
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
@@ -139,7 +146,10 @@ class RunWidget(QWidget):
             return
         box = self.field_of_view(layer) if self.scope.currentText() == "field of view" else None
         mpp = layer.metadata.get("mpp")
-        self._slide_mpp = tuple(mpp) if mpp else (1.0, 1.0)
+        read_mpp = self._read_mpp(layer, mpp)
+        if read_mpp is None:
+            return
+        self._slide_mpp = tuple(mpp) if mpp else (1.0, 1.0)  # the slide layer's scale: results are drawn on it
         wh = layer.metadata.get("level0_wh")
         self._slide_wh = (float(wh[0]), float(wh[1])) if wh else None
         # results are named after the slide and scope: runs on two slides, or on the whole slide and a field of
@@ -156,8 +166,7 @@ class RunWidget(QWidget):
         def job():
             from xtpath.score import iter_score_slide
 
-            yield from iter_score_slide(sm, layer.metadata["xtpath_slide"],
-                                        mpp=mpp[0] if mpp else None, box_xywh=box)
+            yield from iter_score_slide(sm, layer.metadata["xtpath_slide"], mpp=read_mpp, box_xywh=box)
 
         # handlers given at creation: without an "errored" one, napari adds its own that re-raises (a pop-up
         # with a traceback for a slide without mpp); the widget's one line is the whole message
@@ -165,6 +174,25 @@ class RunWidget(QWidget):
                                                    "errored": lambda e: self._fail(str(e)),
                                                    "finished": self._on_finished}, _start_thread=False)
         self.worker.start()
+
+    def _read_mpp(self, layer: Any, mpp: Any) -> float | None:
+        """The µm/px to score at: the field's value, else the file's; ``None`` (and the status says why) when
+        neither gives one."""
+        text = self.mpp_edit.text().strip()
+        if text:
+            try:
+                value = float(text)
+            except ValueError:
+                value = float("nan")
+            if not value > 0 or value == float("inf"):
+                self._fail(f"µm/px must be a positive number (e.g. 0.25 at 40x, 0.5 at 20x), got {text!r}")
+                return None
+            return value
+        if not mpp:
+            self._fail(f"{layer.name} has no µm/px in its file: type it in the µm/px field (e.g. 0.25 at 40x, "
+                       "0.5 at 20x) and press Run again")
+            return None
+        return float(mpp[0])
 
     def cancel(self) -> None:
         if self.worker is not None and self.state == "running":

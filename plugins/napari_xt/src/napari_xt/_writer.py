@@ -1,4 +1,4 @@
-"""npe2 writer: Shapes and Labels layers (and region scores) to QuPath GeoJSON in level-0 pixels.
+"""npe2 writer: Shapes, Points and Labels layers (and region scores) to QuPath GeoJSON in level-0 pixels.
 
 napari puts the centre of a slide's level-0 pixel ``i`` at world ``i * mpp`` (microns), so world ``w`` is level-0
 position ``w / mpp + 0.5`` in the continuous coordinates where pixel ``i`` covers ``[i, i + 1)``, which is what
@@ -115,6 +115,27 @@ def _shape_features(data: list[np.ndarray], meta: dict[str, Any], name: str) -> 
     return feats
 
 
+def _point_features(data: Any, meta: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """Points in level-0 pixels, one Point feature each (points outside the slide are left out)."""
+    mpp, bounds = _mpp(meta), _slide_wh(meta)
+    scale, translate = _affine(meta)
+    table = meta.get("features")
+    classes = list(table["class"]) if table is not None and len(table) and "class" in table else None
+    pts = np.asarray(data, dtype=float)
+    if pts.size == 0:
+        return []
+    world = pts[:, -2:] * scale + translate  # (y, x) in µm
+    feats = []
+    for i, (wy, wx) in enumerate(world):
+        x, y = wx / mpp[0] + 0.5, wy / mpp[1] + 0.5
+        if bounds is not None and not (0 <= x <= bounds[0] and 0 <= y <= bounds[1]):
+            continue
+        feats.append(geometry_feature({"type": "Point", "coordinates": [round(x, 2), round(y, 2)]},
+                                      object_type="annotation", name=str(classes[i]) if classes else name,
+                                      color=(255, 200, 0)))
+    return feats
+
+
 def _labels_features(data: Any, meta: dict[str, Any], name: str) -> list[dict[str, Any]]:
     md = meta.get("metadata") or {}
     if md.get("xtpath_regions"):
@@ -149,7 +170,7 @@ def _labels_features(data: Any, meta: dict[str, Any], name: str) -> list[dict[st
 
 
 def write_geojson(path: str, layer_data: list[tuple[Any, dict[str, Any], str]]) -> list[str]:
-    """Write the given Shapes and Labels layers into one QuPath GeoJSON FeatureCollection."""
+    """Write the given Shapes, Points and Labels layers into one QuPath GeoJSON FeatureCollection."""
     feats: list[dict[str, Any]] = []
     for data, meta, kind in layer_data:
         name = meta.get("name", kind)
@@ -157,5 +178,7 @@ def write_geojson(path: str, layer_data: list[tuple[Any, dict[str, Any], str]]) 
             feats += _shape_features(data, meta, name)
         elif kind == "labels":
             feats += _labels_features(data, meta, name)
+        elif kind == "points":
+            feats += _point_features(data, meta, name)
     _write_feature_collection(path, feats)
     return [path]
