@@ -58,7 +58,11 @@ _LOG2E = np.float32(1.4426950408889634)
 _LN2 = np.float32(0.6931471805599453)
 _LO = np.float32(-87.0)  # exp(-87) ~ 1.6e-38: still a normal float32
 _HI = np.float32(88.0)
+# float32 constants: an int literal in float32 arithmetic makes numba compute in float64 (half the SIMD width,
+# and a float64 division)
+_ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
+_TWO = np.float32(2.0)
 _HALF = np.float32(0.5)
 _POLY = tuple(np.float32(1.0 / math.factorial(i)) for i in range(7))
 _ATANH = tuple(np.float32(1.0 / (2 * i + 1)) for i in range(7))  # atanh(s) / s = sum s**2i / (2i + 1)
@@ -196,14 +200,14 @@ if numba is not None:
                     pr[j] = x
                     e = math.exp(-abs(x))
                     er[j] = e
-                    dr[j] = max(x, 0) + math.log1p(e)
+                    dr[j] = max(x, _ZERO) + math.log1p(e)
             else:
                 for j in range(pr.shape[0]):
                     x = pr[j] + bias[j]
                     pr[j] = x
                     e = _exp32(-abs(x))
                     er[j] = e
-                    sv = e / (2 + e)
+                    sv = e / (_TWO + e)
                     s2 = sv * sv
                     p = _ATANH[6]
                     p = p * s2 + _ATANH[5]
@@ -212,7 +216,7 @@ if numba is not None:
                     p = p * s2 + _ATANH[2]
                     p = p * s2 + _ATANH[1]
                     p = p * s2 + _ATANH[0]
-                    dr[j] = max(x, 0) + 2 * sv * p
+                    dr[j] = max(x, _ZERO) + _TWO * sv * p
 
     @_jit
     def _skip_gate(yt, ut, dl, zt, has_z, exact):  # pragma: no cover - compiled
@@ -227,11 +231,11 @@ if numba is not None:
             elif exact:
                 for j in range(yl.shape[0]):
                     zv = zl[j]
-                    yl[j] = (yl[j] + dl[j] * ul[j]) * zv / (1 + math.exp(-zv))
+                    yl[j] = (yl[j] + dl[j] * ul[j]) * zv / (_ONE + math.exp(-zv))
             else:
                 for j in range(yl.shape[0]):
                     zv = zl[j]
-                    yl[j] = (yl[j] + dl[j] * ul[j]) * zv / (1 + _exp32(-zv))
+                    yl[j] = (yl[j] + dl[j] * ul[j]) * zv / (_ONE + _exp32(-zv))
 
     @_jit
     def _forward_kernel(u, delta, bias, softplus, At, B, C, Dv, z, has_z, exact, chunk, d0, d1,
@@ -248,7 +252,7 @@ if numba is not None:
         bt, length, _ = u.shape
         n_state = At.shape[0]
         indexed = rows.shape[0] > 0
-        one = u[0, 0, 0] * 0 + 1  # a one of u's dtype
+        share = np.full(1, 1 / bt, u.dtype)[0]  # each order's share of the mean, in u's dtype
         for s0 in range(d0, d1, _BLOCK):
             s1 = min(d1, s0 + _BLOCK)
             nd = s1 - s0
@@ -296,12 +300,12 @@ if numba is not None:
                                 hn[j] = hv
                                 acc[j] += cn * hv
                     if has_z and indexed:
-                        _rows_tile(z, rows, b, t0, s0, zt[:steps], one, True)
+                        _rows_tile(z, rows, b, t0, s0, zt[:steps], share, True)  # weight unused
                     elif has_z:
                         _copy_tile(z, b, t0, s0, zt[:steps], True)
                     _skip_gate(yt[:steps], ut[:steps], dl, zt[:steps], has_z, exact)
                     if indexed:
-                        _rows_tile(y, rows, b, t0, s0, yt[:steps], one / bt, False)
+                        _rows_tile(y, rows, b, t0, s0, yt[:steps], share, False)
                     else:
                         _copy_tile(y, b, t0, s0, yt[:steps], False)
                 last[b, :, s0:s1] = h
@@ -324,7 +328,7 @@ if numba is not None:
         bt, length, _ = u.shape
         n_state = At.shape[0]
         n_chunks = (length + chunk - 1) // chunk
-        zero = u[0, 0, 0] * 0  # a zero of u's dtype
+        zero = u[0, 0, 0] * _ZERO  # a zero of u's dtype
         for s0 in range(d0, d1, _BLOCK):
             s1 = min(d1, s0 + _BLOCK)
             nd = s1 - s0
@@ -402,8 +406,8 @@ if numba is not None:
                                 e[j] = -zl[j]
                             _exp_row(e, e, exact)
                             for j in range(nd):
-                                sg = 1 / (1 + e[j])
-                                gzl[j] = gyl[j] * (ys[j] + dl[j] * ul[j]) * sg * (1 + zl[j] * (1 - sg))
+                                sg = _ONE / (_ONE + e[j])
+                                gzl[j] = gyl[j] * (ys[j] + dl[j] * ul[j]) * sg * (_ONE + zl[j] * (_ONE - sg))
                                 gyl[j] = gyl[j] * zl[j] * sg
                         for j in range(nd):
                             gdl[j] += gyl[j] * ul[j]
@@ -451,8 +455,8 @@ if numba is not None:
                             prl = pret[i]
                             el = et[i]
                             for j in range(nd):
-                                num = el[j] if prl[j] < 0 else 1
-                                gdtl[j] *= num / (1 + el[j])
+                                num = el[j] if prl[j] < 0 else _ONE
+                                gdtl[j] *= num / (_ONE + el[j])
                         for j in range(nd):
                             gbl[j] += gdtl[j]
                     _copy_tile(gu, b, t0, s0, gut[:steps], False)
@@ -505,10 +509,10 @@ if numba is not None:
                 orow = out[b, t, c0:c1]
                 if exact:
                     for j in range(nc):
-                        orow[j] = pre[j] / (1 + math.exp(-pre[j]))
+                        orow[j] = pre[j] / (_ONE + math.exp(-pre[j]))
                 else:
                     for j in range(nc):
-                        orow[j] = pre[j] / (1 + _exp32(-pre[j]))
+                        orow[j] = pre[j] / (_ONE + _exp32(-pre[j]))
 
     @_jit
     def _conv_silu_backward(x, wT, bias, gout, exact, c0, c1, gx, gwT, gbias):  # pragma: no cover
@@ -534,8 +538,8 @@ if numba is not None:
                 _exp_row(e, e, exact)
                 gr = gout[b, t, c0:c1]
                 for j in range(nc):
-                    sig = 1 / (1 + e[j])
-                    gp[j] = gr[j] * sig * (1 + pre[j] * (1 - sig))  # d silu(p) / dp
+                    sig = _ONE / (_ONE + e[j])
+                    gp[j] = gr[j] * sig * (_ONE + pre[j] * (_ONE - sig))  # d silu(p) / dp
                     gb[j] += gp[j]
                 for k in range(n_taps):  # rows before the start are zeros in the ring: no gw term
                     rr = ring[(t + 1 + k) % n_taps]
