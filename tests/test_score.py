@@ -404,6 +404,36 @@ def test_snakemake_workflow_on_three_slides_one_corrupt(runs, tmp_path):
     assert json.loads((out / "report" / "report.json").read_text())["n_scored"] == 3
 
 
+def test_snakemake_workflow_checks_its_settings_before_any_job(runs, tmp_path):
+    """`snakemake -n` finds a wrong setting: one line naming it, before a job per slide would fail on it."""
+    root, csv_path = runs
+    good = read_slides_csv(csv_path)[:1]
+    slides = tmp_path / "slides.csv"
+    slides.write_text("slide_id,path\n" + f"{good[0].slide_id},{good[0].path}\nbroken,{CORRUPT_SLIDE}\n")
+    exe = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{exe}:{os.environ['PATH']}"}
+
+    def dry(*settings):
+        cmd = [str(exe / "snakemake"), "-s", str(ROOT / "workflows" / "Snakefile"), "--configfile",
+               str(ROOT / "workflows" / "config.yaml"), "--cores", "1", "-n", "--config", f"slides={slides}",
+               f"model={root / 'cls'}", f"out={tmp_path / 'out'}", "gpus_per_job=0", *settings]
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+        return r.returncode, r.stdout + r.stderr
+
+    rc, text = dry("exclude=broken")  # one id, not the set of its letters
+    assert rc == 0 and f"slide={good[0].slide_id}" in text and "slide=broken" not in text, text[-3000:]
+    bad = {("exclude=[brokn]",): "slide_id(s) to exclude that are in no row: 'brokn'; check their spelling",
+           (f"model={tmp_path / 'nomodel'}",): f"{tmp_path / 'nomodel'}: no such run folder",
+           (f"labels={tmp_path / 'nolabels.csv'}",): f"labels='{tmp_path / 'nolabels.csv'}': no such file",
+           ("gpu_per_job=0",): "workflow config: unknown setting 'gpu_per_job'; did you mean 'gpus_per_job'?",
+           ("mem_mb=abc",): "workflow config: mem_mb='abc' must be a whole number of at least 1",
+           ("score_minutes=0",): "workflow config: score_minutes=0 must be a whole number of at least 1"}
+    for settings, msg in bad.items():
+        rc, text = dry(*settings)
+        assert rc != 0 and msg in text, (settings, text[-3000:])
+        assert "slide=" not in text  # no job was planned
+
+
 def test_a_model_refuses_caches_made_at_another_resolution(runs, tmp_path):
     root, csv_path = runs
     rows = read_slides_csv(csv_path)[:1]

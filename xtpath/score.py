@@ -49,7 +49,7 @@ from xtpath.io import SlideRow, open_slide
 from xtpath.io.files import atomic_path, file_fingerprint, write_json
 from xtpath.stop import check_stop
 
-__all__ = ["ScoreModel", "load_run", "score_slides", "parse_shard", "shard_rows", "PREDICTIONS_CSV",
+__all__ = ["ScoreModel", "check_run_folder", "load_run", "score_slides", "parse_shard", "shard_rows", "PREDICTIONS_CSV",
            "ScoreSummary", "region_colors", "gather_predictions", "read_predictions"]
 
 PREDICTIONS_CSV = "predictions.csv"
@@ -100,6 +100,31 @@ class ScoreModel:
         return {"model": str(self.run_dir.resolve()), "model_sha256": digest, "classes": list(self.classes)}
 
 
+def check_run_folder(run_dir: str | os.PathLike[str]) -> tuple[Path, list[Path]]:
+    """Check that ``run_dir`` is a trained run (or one fold of one) without loading it: returns the folder with
+    its settings (``classes.json``...) and the folders with a ``model.safetensors``.
+
+    Raises
+    ------
+    CheckpointError
+        No such folder, not a run folder, or no finished epoch.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        folds = sorted(p.name for p in run.parent.glob("fold*") if (p / "model.safetensors").exists())
+        raise CheckpointError(f"{run}: no such run folder" + (f"; {run.parent} has {', '.join(folds)}" if folds else
+                                                              "; give the --out of xtpath train"))
+    # one fold of a cross-validation scores on its own, with the run's class map and settings
+    meta = run.parent if run.name.startswith("fold") and not (run / "classes.json").exists() else run
+    if not (meta / "classes.json").exists():
+        raise CheckpointError(f"{run}: not an xtpath run folder (no classes.json); give the --out of xtpath train")
+    folders = [run] if (run / "model.safetensors").exists() else sorted(run.glob("fold*/"))
+    folders = [f for f in folders if (f / "model.safetensors").exists()]
+    if not folders:
+        raise CheckpointError(f"{run}: no model.safetensors (did training finish an epoch?)")
+    return meta, folders
+
+
 def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
              weights: str | os.PathLike[str] | None = None) -> ScoreModel:
     """Load ``RUN_DIR`` written by ``xtpath train`` (all folds of a cross-validation, averaged when scoring; or
@@ -115,18 +140,7 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
     from xtpath.models.encoders import file_sha256, weights_path
 
     run = Path(run_dir)
-    if not run.is_dir():
-        folds = sorted(p.name for p in run.parent.glob("fold*") if (p / "model.safetensors").exists())
-        raise CheckpointError(f"{run}: no such run folder" + (f"; {run.parent} has {', '.join(folds)}" if folds else
-                                                              "; give the --out of xtpath train"))
-    # one fold of a cross-validation scores on its own, with the run's class map and settings
-    meta = run.parent if run.name.startswith("fold") and not (run / "classes.json").exists() else run
-    if not (meta / "classes.json").exists():
-        raise CheckpointError(f"{run}: not an xtpath run folder (no classes.json); give the --out of xtpath train")
-    folders = [run] if (run / "model.safetensors").exists() else sorted(run.glob("fold*/"))
-    folders = [f for f in folders if (f / "model.safetensors").exists()]
-    if not folders:
-        raise CheckpointError(f"{run}: no model.safetensors (did training finish an epoch?)")
+    meta, folders = check_run_folder(run)
     dev = torch.device(device)
     models = [load_model(f, map_location=dev).eval() for f in folders]
     cfg = yaml.safe_load((meta / "config.yaml").read_text()) if (meta / "config.yaml").exists() else {}

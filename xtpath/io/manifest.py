@@ -99,7 +99,8 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
         Every row needs a ``path`` (all but reading labels back, e.g. ``xtpath report --labels``).
     only, exclude : collections of slide_id
         Keep only the rows of ``only`` (when given) and none of ``exclude``; the other rows are not checked, so
-        a bad row elsewhere in the CSV does not stop a job that runs some slides (a cluster job per slide).
+        a bad row elsewhere in the CSV does not stop a job that runs some slides (a cluster job per slide). An
+        ``exclude`` id that is in no row is a problem (a misspelt id would exclude nothing).
 
     Raises
     ------
@@ -148,11 +149,13 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
             raise ManifestError(f"{name}:1: missing column(s) {', '.join(missing)} (found: {', '.join(header) or 'none'})"
                                 f"; the header needs {','.join(needs)}")
         seen: dict[str, int] = {}
+        listed: set[str | None] = set()
         for i, rec in enumerate(reader, start=2):
             if not any((v or "").strip() for v in rec.values() if isinstance(v, str)):
                 continue  # blank line
             where = f"{name}:{i}"
             sid = _clean(rec.get("slide_id"))
+            listed.add(sid)
             if (only is not None and sid not in only) or sid in exclude:
                 continue
             raw_path = _clean(rec.get("path"))
@@ -214,6 +217,10 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
                                      mask=mask, line=i, extra=extra, csv=name))
     if not rows and not problems and only is None:
         problems.append(f"{name}:2: the CSV has no slides")
+    unknown = sorted(set(exclude) - listed)
+    if unknown:
+        problems.append(f"{name}: slide_id(s) to exclude that are in no row: {', '.join(map(repr, unknown))}; "
+                        "check their spelling")
     if problems:
         raise ManifestError("\n".join(problems))
     return rows
