@@ -478,6 +478,7 @@ def test_bad_options_stop_before_a_run_folder_is_made(demo, tmp_path):
     root, csv_path = demo
     for kw, msg in [({"lr": -1.0}, "lr=-1.0 must be a positive number"),
                     ({"target_mpp": 0}, "target_mpp=0 must be a positive number"),
+                    ({"target_mpp": float("inf")}, "target_mpp=inf must be a positive number"),
                     ({"folds": 2}, "needs at least 3 folds"), ({"val_fraction": 1.0}, "below 1"),
                     ({"weights": str(tmp_path / "nope.safetensors")}, "nope.safetensors: no such file"),
                     ({"context_options": {"d_model": 32, "n_layer": 1}},

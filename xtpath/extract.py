@@ -14,6 +14,7 @@ machines sharing a folder) work on the same CSV without doing a slide twice.
 from __future__ import annotations
 
 import contextlib
+import math
 import csv
 import fcntl
 import os
@@ -519,8 +520,12 @@ def check_config(cfg: ExtractConfig) -> None:
     if not (isinstance(cfg.region_px, int) and cfg.region_px > 0):
         raise InvalidParameterError(f"--region-px {cfg.region_px}: must be a positive whole number of pixels, "
                                     "e.g. 256")
-    if not cfg.target_mpp > 0:
+    if not (cfg.target_mpp > 0 and math.isfinite(cfg.target_mpp)):
         raise InvalidParameterError(f"--target-mpp {cfg.target_mpp}: must be positive (microns per pixel, e.g. 0.5)")
+    if not 0.0 <= cfg.min_tissue <= 1.0:
+        hint = f" ({cfg.min_tissue:g} % is {cfg.min_tissue / 100:g})" if 1 < cfg.min_tissue <= 100 else ""
+        raise InvalidParameterError(f"--min-tissue {cfg.min_tissue:g}: must be a fraction between 0 and 1, e.g. 0.25"
+                                    + hint)
     if cfg.batch_size < 1:
         raise InvalidParameterError(f"--batch-size {cfg.batch_size}: must be at least 1")
     if cfg.backend not in ("auto", "openslide", "tiffslide"):

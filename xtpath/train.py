@@ -226,7 +226,7 @@ def _check_values(cfg: TrainConfig) -> None:
         if value is None:
             continue
         try:
-            ok = float(value) > 0
+            ok = math.isfinite(float(value)) and float(value) > 0
         except (TypeError, ValueError):
             ok = False
         if not ok:
