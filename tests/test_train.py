@@ -154,6 +154,10 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     assert other.returncode == 1 and "settings differ from the run's config.yaml (context: 'mamba' -> 'abmil'; " \
         "epochs: 5 -> 7)" in other.stderr, other.stderr
     assert (run / "config.yaml").read_text() == saved
+    # an option given on the command line contradicts the run even when it is the default value (epochs 20)
+    default = _run_cli("train", csv_path, "--out", run, "--device", "cpu", "--resume", "--epochs", "20")
+    assert default.returncode == 1 and "settings differ from the run's config.yaml (epochs: 5 -> 20)" in \
+        default.stderr, default.stderr
     # another slides CSV (a slide dropped, one moved from val to train) would mix the run's splits: refused
     lines = Path(csv_path).read_text().splitlines()
     val_row = next(i for i, line in enumerate(lines) if line.endswith(",val"))

@@ -172,6 +172,7 @@ def load_config(path: str | os.PathLike[str] | None, overrides: dict[str, Any]) 
     from_yaml = set(data)
     data.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**data)
+    cfg._given = frozenset(data)  # type: ignore[attr-defined]  # what --resume must not replace by the run's own
     _check_model_options(path, cfg)
     try:
         _check_values(cfg)
@@ -1040,9 +1041,11 @@ _RESUME_RESOLVED = {"classes", "encoder", "features", "target_mpp", "region_px",
 
 
 def _resume_settings(run: Path, cfg: TrainConfig) -> None:
-    """``--resume`` continues the run as it was set up: settings not given now (left at their defaults) are
-    taken from the run's ``config.yaml``; a setting given now that contradicts it (another context model,
-    more epochs, other folds...) is an error before anything is written."""
+    """``--resume`` continues the run as it was set up: settings not given now are taken from the run's
+    ``config.yaml``; a setting given now that contradicts it (another context model, more epochs, other
+    folds...) is an error before anything is written, even when it is the default value (``--context mamba``
+    on an ABMIL run). What was given is what :func:`load_config` read from the YAML file and the command line;
+    a config made otherwise counts the settings left at their defaults as not given."""
     import yaml
 
     saved_path = run / "config.yaml"
@@ -1053,11 +1056,12 @@ def _resume_settings(run: Path, cfg: TrainConfig) -> None:
     except (OSError, yaml.YAMLError):
         return
     fresh = asdict(TrainConfig())
+    given = getattr(cfg, "_given", None)
     changed = []
     for name, value in asdict(cfg).items():
         if name not in saved or name in _RESUME_RESOLVED:
             continue
-        if value == fresh.get(name):  # not given now: the run's own value
+        if (name not in given) if given is not None else (value == fresh.get(name)):  # the run's own value
             setattr(cfg, name, saved[name])
         elif name not in _RESUME_FREE and not same_setting(saved[name], value) and saved[name] != value:
             changed.append(f"{name}: {saved[name]!r} -> {value!r}")
