@@ -66,3 +66,14 @@ def test_small_demo_end_to_end(tmp_path):
     sid = preds[1].split(",")[0]
     assert (out / "scored_mamba" / sid / "heatmap.png").exists()
     assert json.loads((out / "scored_mamba" / sid / "regions.geojson").read_text())["features"]
+
+
+def test_demo_checks_its_settings_before_writing_anything(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args, msg in ((["--epochs", "0"], "error: epochs=0 must be at least 1"),
+                      (["--n-slides", "2"], "error: --n-slides 2: use at least 4 (two per label)"),
+                      (["--grid", "3"], "error: --grid 3: use at least 5 cells per side")):
+        r = subprocess.run([sys.executable, "-m", "xtpath", "demo", "--out", str(tmp_path / "demo"), *args],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 1 and r.stderr.strip() == msg, r.stderr  # no "[1/4] writing ..." line first
+        assert not (tmp_path / "demo").exists()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from xtpath.demo_data import DemoSpec, make_demo_dataset
+from xtpath.demo_data import DemoSpec, check_spec, make_demo_dataset
 from xtpath.extract import ExtractConfig, extract_slides
 from xtpath.io import read_slides_csv
 from xtpath.report import report
@@ -51,8 +51,15 @@ def run_demo(out_dir: str | os.PathLike[str], s: DemoSettings | None = None, *,
     s = s or DemoSettings()
     out = Path(out_dir)
     t0 = time.perf_counter()
+    spec = DemoSpec(n_slides=s.n_slides, grid=s.grid, seed=s.seed)
+    check_spec(spec)  # every setting is checked before the first step, not minutes into the run
+    cfgs = {ctx: load_config(None, {"context": ctx, "cache": str(out / "cache"), "epochs": s.epochs,
+                                    "accumulate": 1, "lr": 3e-3, "warmup_epochs": 1.0, "patience": s.epochs,
+                                    "seed": s.seed, "device": "cpu", "monitor": "accuracy",
+                                    "context_options": {"d_model": s.d_model, "n_layers": s.n_layers}})
+            for ctx in ("mamba", "mean")}
     log(f"[1/4] writing {s.n_slides} demo slides to {out / 'data'}")
-    csv = make_demo_dataset(out / "data", DemoSpec(n_slides=s.n_slides, grid=s.grid, seed=s.seed))
+    csv = make_demo_dataset(out / "data", spec)
     rows = read_slides_csv(csv)
     log(f"[2/4] extracting region features ({ENCODER['encoder']}, random weights) into {out / 'cache'}")
     with warnings.catch_warnings():
@@ -65,10 +72,7 @@ def run_demo(out_dir: str | os.PathLike[str], s: DemoSettings | None = None, *,
     for i, ctx in enumerate(("mamba", "mean")):
         run = out / f"run_{ctx}"
         log(f"[3/4] training the {ctx} context model ({s.epochs} epochs) into {run}")
-        cfg = load_config(None, {"context": ctx, "cache": str(out / "cache"), "epochs": s.epochs, "accumulate": 1,
-                                 "lr": 3e-3, "warmup_epochs": 1.0, "patience": s.epochs, "seed": s.seed,
-                                 "device": "cpu", "monitor": "accuracy",
-                                 "context_options": {"d_model": s.d_model, "n_layers": s.n_layers}})
+        cfg = cfgs[ctx]
         resume = (run / "last").exists()
         train(csv, run, cfg, resume=resume, show_progress=False, log=lambda m: log(f"      {m}"))
         scored = out / f"scored_{ctx}"

@@ -200,13 +200,8 @@ def _render(rng: np.random.Generator, lab: np.ndarray, textures: dict[str, list[
     return img, pix
 
 
-def make_demo_dataset(out_dir: str | os.PathLike[str], spec: DemoSpec = DemoSpec(), *,
-                      progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write ``spec.n_slides`` slides, their GeoJSON masks and ``slides.csv`` to ``out_dir``; return the CSV.
-
-    Splits: 60% train, 20% val, 20% test, balanced per label. Slides that already exist are rewritten only if
-    missing (a rerun with the same seed is quick and gives the same files).
-    """
+def check_spec(spec: DemoSpec) -> None:
+    """One-line errors for sizes no demo dataset can be made with."""
     if spec.n_slides < 4:
         raise InvalidParameterError(f"--n-slides {spec.n_slides}: use at least 4 (two per label)")
     if spec.grid < 5:
@@ -214,6 +209,16 @@ def make_demo_dataset(out_dir: str | os.PathLike[str], spec: DemoSpec = DemoSpec
     if spec.grid > 200:  # 200 cells of 256 px: a 51200 px slide, 7.5 GB of pixels in memory while written
         raise InvalidParameterError(f"--grid {spec.grid}: use at most 200 cells per side (demo slides are built in "
                                     "memory)")
+
+
+def make_demo_dataset(out_dir: str | os.PathLike[str], spec: DemoSpec = DemoSpec(), *,
+                      progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``spec.n_slides`` slides, their GeoJSON masks and ``slides.csv`` to ``out_dir``; return the CSV.
+
+    Splits: 60% train, 20% val, 20% test, balanced per label. Slides that already exist are rewritten only if
+    missing (a rerun with the same seed is quick and gives the same files).
+    """
+    check_spec(spec)
     out = Path(out_dir)
     (out / "slides").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
