@@ -59,6 +59,16 @@ def test_he_area_holes_and_specks(he_slide):
     assert tm.mpp == pytest.approx((8.0, 8.0))
 
 
+def test_detect_tissue_takes_a_path_as_well_as_a_slide(he_slide):
+    path, _ = he_slide
+    with open_slide(path) as s:
+        from_slide = detect_tissue(s)
+    from_path = detect_tissue(str(path))
+    assert np.array_equal(from_path.mask, from_slide.mask) and from_path.mask.any()
+    with pytest.raises(InvalidParameterError, match="slide=42 is neither a Slide nor a path"):
+        detect_tissue(42)
+
+
 def test_biopsy_preset_keeps_small_fragments(he_slide):
     path, _ = he_slide
     default = detect_tissue(open_slide(path))

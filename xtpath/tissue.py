@@ -213,14 +213,14 @@ def _close_disk(mask: np.ndarray, r: int) -> np.ndarray:
     return (ndi.distance_transform_edt(grown) > r)[r:-r, r:-r]
 
 
-def detect_tissue(slide: Slide, params: TissueParams | None = None, *, preset: str | None = None,
-                  keep_image: bool = True) -> TissueMask:
+def detect_tissue(slide: Slide | str | os.PathLike[str], params: TissueParams | None = None, *,
+                  preset: str | None = None, keep_image: bool = True) -> TissueMask:
     """Find tissue on a slide.
 
     Parameters
     ----------
-    slide : Slide
-        Needs an mpp (from the file or ``open_slide(..., mpp=...)``).
+    slide : Slide or path
+        Needs an mpp (from the file or ``open_slide(..., mpp=...)``); a path is opened (and closed) here.
     params : TissueParams, optional
         Detector settings (default: the ``preset``, or ``"default"``).
     preset : str, optional
@@ -237,6 +237,14 @@ def detect_tissue(slide: Slide, params: TissueParams | None = None, *, preset: s
     from skimage.filters import rank, threshold_otsu
     from skimage.morphology import remove_small_objects
 
+    if isinstance(slide, (str, os.PathLike)):
+        from xtpath.io import open_slide
+
+        with open_slide(slide) as opened:
+            return detect_tissue(opened, params, preset=preset, keep_image=keep_image)
+    if not isinstance(slide, Slide):
+        raise InvalidParameterError(f"detect_tissue: slide={slide!r} is neither a Slide nor a path; open it with "
+                                    "xtpath.open_slide")
     p = params if params is not None else tissue_params(preset or "default")
     if not p.mask_mpp > 0:
         raise InvalidParameterError(f"mask_mpp={p.mask_mpp} must be positive (microns per mask pixel)")

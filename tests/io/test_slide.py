@@ -317,3 +317,22 @@ def test_a_folder_opens_only_as_dicom(tmp_path):
     s = open_slide(tmp_path)
     ref = open_slide(DATA / "dicom-boxes")
     assert s.backend == "openslide" and s.dimensions == ref.dimensions and s.mpp == ref.mpp
+
+
+def test_api_inputs_as_people_give_them_or_one_line_errors():
+    """mpp as text (a CSV field) or a numpy number works; a bad mpp or region is an xtpath error, not numpy's."""
+    path = DATA / "CMU-1-Small-Region.svs"
+    assert open_slide(path, mpp="0.5").mpp == (0.5, 0.5)
+    assert open_slide(path, mpp=np.float32(0.25)).mpp == (0.25, 0.25)
+    assert open_slide(path, mpp=(0.25, 0.5)).mpp == (0.25, 0.5)
+    for bad in ("abc", (1, 2, 3), -1):
+        with pytest.raises(InvalidParameterError, match=r"is not a positive number of microns per pixel"):
+            open_slide(path, mpp=bad)
+    s = open_slide(path)
+    for loc, size, msg in (((0, 0), (10 ** 6, 10 ** 6), r"1,000,000 M pixels in one array is more than read_region "
+                                                        r"returns \(at most 1,074 M\); read it in tiles"),
+                           ((0,), (10, 10), r"give two numbers each, \(x, y\) in level-0 pixels and \(width, height\)"),
+                           ((float("nan"), 0), (10, 10), r"location_xy=\(nan, 0\) must be finite")):
+        with pytest.raises(InvalidParameterError, match=msg):
+            s.read_region(loc, size, mpp=0.5)
+    assert s.read_region((0, 0), (8, 6), mpp=0.5).shape == (6, 8, 3)

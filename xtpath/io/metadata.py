@@ -102,12 +102,15 @@ def resolve_mpp(props: dict[str, Any], *, vendor: str | None, ome_xml: str | Non
         User-given mpp; wins over the file.
     """
     if override is not None:
-        ox, oy = (override, override) if isinstance(override, (int, float)) else override
+        # one number (a numpy scalar, or text such as a CSV field gives) or an (x, y) pair
+        pair = not isinstance(override, (str, bytes)) and hasattr(override, "__len__")
+        ox, oy = tuple(override) if pair and len(override) == 2 else (None, None) if pair else (override, override)
         fx, fy = _float(ox), _float(oy)
         if fx is None or fy is None:
             from xtpath.errors import InvalidParameterError
 
-            raise InvalidParameterError(f"mpp={override!r} is not a positive number of microns per pixel")
+            raise InvalidParameterError(f"mpp={override!r} is not a positive number of microns per pixel (or an "
+                                        "(x, y) pair of them)")
         return MppInfo(fx, fy, "user override")
     if ome_xml:
         size = ome_physical_size(ome_xml)

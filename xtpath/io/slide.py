@@ -81,6 +81,10 @@ def _grid_scale(w0: int, h0: int, wl: int, hl: int) -> tuple[float, float]:
     return rx, ry
 
 
+#: Largest region :meth:`Slide.read_region` returns, in output pixels (3 GB of RGB): a bigger request is almost
+#: always a mistake (level-0 size at a coarse mpp...), and would fail in numpy with a bare MemoryError.
+MAX_READ_PX = 1 << 30
+
 class _AssociatedImages(Mapping[str, np.ndarray]):
     """Label, macro, thumbnail ... images stored in the slide file, decoded on access as RGB arrays."""
 
@@ -291,10 +295,20 @@ class Slide:
             ``(h, w, 3)`` uint8 RGB. Areas outside the slide are white.
         """
         sx, sy = self._output_scale(mpp=mpp, level=level, downsample=downsample)
-        w, h = (int(v) for v in size_wh)
+        try:
+            w, h = (int(v) for v in size_wh)
+            x, y = (float(v) for v in location_xy)
+        except (TypeError, ValueError):
+            raise InvalidParameterError(f"read_region(location_xy={location_xy!r}, size_wh={size_wh!r}): give two "
+                                        "numbers each, (x, y) in level-0 pixels and (width, height)") from None
         if w <= 0 or h <= 0:
             raise InvalidParameterError(f"size_wh={tuple(size_wh)} must be positive")
-        x, y = float(location_xy[0]), float(location_xy[1])
+        if w * h > MAX_READ_PX:
+            raise InvalidParameterError(f"size_wh={tuple(size_wh)}: {w * h / 1e6:,.0f} M pixels in one array is more "
+                                        f"than read_region returns (at most {MAX_READ_PX / 1e6:,.0f} M); read it in "
+                                        "tiles, or at a coarser mpp")
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise InvalidParameterError(f"location_xy={tuple(location_xy)} must be finite")
         if source_level is None:
             src = self.best_level(min(sx, sy))
         else:
