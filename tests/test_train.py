@@ -313,6 +313,15 @@ def test_labels_spelt_two_ways_are_refused_and_a_slide_listed_twice_is_warned_ab
         train(_edited_csv(csv_path, "respelt.csv", respell), tmp_path / "a", _cfg(cache=str(root / "cache")),
               show_progress=False, log=lambda m: None)
 
+    def respell_and_lose(rows):  # a slide file that is not there as well: both problems in one message
+        respell(rows)
+        rows[5]["path"] = "gone.tif"
+
+    with pytest.raises(ManifestError, match=r"(?s)both.csv:7: slide 'gone.tif' not found .*\nlabels that differ only "
+                                            r"in case, spaces or number format: '(Touch|Apart)' \(both.csv:4\)"):
+        train(_edited_csv(csv_path, "both.csv", respell_and_lose), tmp_path / "a", _cfg(cache=str(root / "cache")),
+              show_progress=False, log=lambda m: None)
+
     def numbers(rows):
         for i, r in enumerate(rows):
             r["label"] = ["1", "0"][i % 2] if i != 3 else "1.0"

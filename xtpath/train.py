@@ -414,8 +414,19 @@ def _check_label_spellings(rows: Sequence[SlideRow], found: Sequence[str]) -> No
 def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable[[str], None]) -> _Prepared:
     from xtpath.extract import ExtractConfig, config_of_cache, encoder_settings, extract_slides
 
-    rows = read_slides_csv(csv_path, require_labels=cfg.task == "classification",
-                           require_masks=cfg.task == "segmentation")
+    need = {"require_labels": cfg.task == "classification", "require_masks": cfg.task == "segmentation"}
+    try:
+        rows = read_slides_csv(csv_path, **need)
+    except ManifestError as e:  # with only missing files wrong, say what is wrong with the labels too: all at once
+        try:
+            loose = read_slides_csv(csv_path, check_files=False, **need)
+        except ManifestError:
+            raise e from None
+        try:
+            _class_map(loose, cfg)
+        except ManifestError as labels_wrong:
+            raise ManifestError(f"{e}\n{labels_wrong}") from None
+        raise
     classes, labels = _class_map(rows, cfg)
     by_path: dict[str, list[SlideRow]] = {}
     for r in rows:
