@@ -260,6 +260,27 @@ def test_report_with_labels(runs, tmp_path):
     assert "none could be left out: the metrics may include slides it trained on" in r.stdout
     rep = json.loads((moved / "report" / "report.json").read_text())
     assert rep["n_labelled"] == 8 and "excluded_seen" not in rep and "splits.csv" in rep["training_slides_unknown"]
+    # another cohort whose slide reuses a training slide's id: a different file (fingerprint), so it is held out
+    trained_id = next(r.slide_id for r in rows if parts[r.slide_id] == "train")
+    other_file = next(r.path for r in rows if r.slide_id != trained_id)
+    cohort = tmp_path / "cohort.csv"
+    cohort.write_text(f"slide_id,path,label\n{trained_id},{other_file},touch\n")
+    cohort_out = tmp_path / "cohort_scores"
+    score_slides(read_slides_csv(cohort), root / "cls", cohort_out, cache_dir=tmp_path / "cohort_cache")
+    r = _xtpath("report", cohort_out, "--labels", cohort)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((cohort_out / "report" / "report.json").read_text())
+    assert rep["same_id_other_slide"] == [trained_id] and rep["n_labelled"] == 1 and not rep.get("excluded_seen")
+    assert "kept 1 slides whose slide_ids are training slides' but whose files are other slides" in r.stdout
+    # the training slide itself under its id is still left out
+    same = tmp_path / "same.csv"
+    same.write_text(f"slide_id,path,label\n{trained_id},{next(r.path for r in rows if r.slide_id == trained_id)},"
+                    "touch\n")
+    same_out = tmp_path / "same_scores"
+    score_slides(read_slides_csv(same), root / "cls", same_out, cache_dir=tmp_path / "cohort_cache2")
+    assert _xtpath("report", same_out, "--labels", same).returncode == 0
+    rep = json.loads((same_out / "report" / "report.json").read_text())
+    assert rep["excluded_seen"] == 1 and "same_id_other_slide" not in rep
     # a training run's folder is not a score folder
     r = _xtpath("report", root / "cls")
     assert r.returncode == 1 and "not a folder written by xtpath score" in r.stderr, r.stderr

@@ -589,6 +589,11 @@ def report(
     if rep.get("excluded_seen"):
         console.print(f"left out {rep['excluded_seen']} labelled slides the model trained or validated on "
                       f"({rep['splits_file']})", soft_wrap=True)
+    if rep.get("same_id_other_slide"):
+        same = rep["same_id_other_slide"]
+        console.print(f"kept {len(same)} slides whose slide_ids are training slides' but whose files are other "
+                      f"slides (fingerprints differ): {', '.join(same[:5])}{' ...' if len(same) > 5 else ''}",
+                      soft_wrap=True)
     if "metrics" in rep:
         m = rep["metrics"]
         console.print(f"on {rep['n_labelled']} held-out labelled slides: " + ", ".join(

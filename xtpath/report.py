@@ -111,10 +111,39 @@ def _held_out(out: Path, preds: list[dict[str, str]], labelled: set[str], rep: d
     if unknown:
         rep["training_slides_unknown"] = unknown
     if seen:
+        other = _other_slides_same_ids(out, splits_file, {p["slide_id"] for p in known} & seen)
+        if other:  # another cohort's slides that reuse training ids: held out after all
+            rep["same_id_other_slide"] = sorted(other)
+            seen = seen - other
         rep["excluded_seen"] = sum(p["slide_id"] in seen for p in known)
         rep["splits_file"] = str(splits_file)
         known = [p for p in known if p["slide_id"] not in seen]
     return known
+
+
+def _other_slides_same_ids(out: Path, splits_file: Path | None, ids: set[str]) -> set[str]:
+    """Of ``ids`` (scored, and in the run's training or validation parts by slide_id), those whose scored file
+    is not the slide the model trained on: both fingerprints known (the run's ``slide_fingerprints.json``, the
+    slide's ``prediction.json``) and different."""
+    import json
+
+    from xtpath.train import FINGERPRINTS_JSON
+
+    if splits_file is None or not ids:
+        return set()
+    try:
+        trained = json.loads((splits_file.parent / FINGERPRINTS_JSON).read_text())
+    except (OSError, ValueError):
+        return set()  # a run from before the fingerprints were recorded: by slide_id alone
+    other = set()
+    for sid in ids:
+        try:
+            scored = json.loads((out / sid / "prediction.json").read_text()).get("slide_fingerprint")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if scored and trained.get(sid) and scored != trained[sid]:
+            other.add(sid)
+    return other
 
 
 def _classification_report(out: Path, preds: list[dict[str, str]], classes: list[str], labels_csv: Path,

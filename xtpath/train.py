@@ -1087,16 +1087,30 @@ def _remove_unstarted_run(run: Path) -> None:
     settings files, the folder if then empty), so that nothing looks like a run. Caches built there stay."""
     if any(run.glob("**/last")):
         return
-    for name in ("config.yaml", "classes.json", "splits.csv", "extract.json"):
+    for name in ("config.yaml", "classes.json", "splits.csv", FINGERPRINTS_JSON, "extract.json"):
         (run / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run.rmdir()
 
 
+#: Beside ``splits.csv``: each slide's file fingerprint (from its cache), so that ``xtpath report`` can tell a
+#: training slide from another cohort's slide that reuses its slide_id.
+FINGERPRINTS_JSON = "slide_fingerprints.json"
+
+
 def _write_splits(path: Path, prep: _Prepared) -> None:
     """``splits.csv``: each slide's part (train, val, test) in every split, so that a later evaluation can keep
-    to the slides a model never trained on (``xtpath report --labels`` reads it)."""
+    to the slides a model never trained on (``xtpath report --labels`` reads it); and beside it the slides'
+    fingerprints (:data:`FINGERPRINTS_JSON`), where their caches recorded them."""
+    from xtpath.cache import read_settings
+
     write_text(path, _splits_text(prep))
+    prints = {}
+    for r, f in zip(prep.rows, prep.files):
+        known = (read_settings(f) or {}).get("slide_fingerprint") if f.exists() else None
+        if known:
+            prints[r.slide_id] = known
+    write_json(path.parent / FINGERPRINTS_JSON, prints)
 
 
 def _check_resumed_splits(path: Path, prep: _Prepared) -> None:
