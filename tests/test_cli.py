@@ -110,8 +110,8 @@ def test_extract_refuses_bad_settings_before_any_warning_or_folder(tmp_path):
                             ("--workers", "-1", "--workers -1: must be 0 (read in this process) or more"),
                             ("--target-mpp", "0", "--target-mpp 0.0: must be positive"),
                             ("--target-mpp", "inf", "--target-mpp inf: must be positive"),
-                            ("--min-tissue", "25", "--min-tissue 25: must be a fraction between 0 and 1, e.g. 0.25 "
-                                                   "(25 % is 0.25)"),
+                            ("--min-tissue", "25", ("--min-tissue 25: must be a fraction between 0 and 1, e.g. 0.25 "
+                                                    "(25 % is 0.25)")),
                             ("--min-tissue", "-0.1", "--min-tissue -0.1: must be a fraction between 0 and 1")):
         r = xtpath("extract", csv_path, "--out", tmp_path / "out", "--encoder", "test_convnext", opt, value)
         assert r.returncode == 1 and r.stderr.startswith(f"error: {msg}"), r.stderr

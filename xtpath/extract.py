@@ -14,9 +14,9 @@ machines sharing a folder) work on the same CSV without doing a slide twice.
 from __future__ import annotations
 
 import contextlib
-import math
 import csv
 import fcntl
+import math
 import os
 import socket
 import sys

@@ -329,8 +329,8 @@ def test_api_inputs_as_people_give_them_or_one_line_errors():
         with pytest.raises(InvalidParameterError, match=r"is not a positive number of microns per pixel"):
             open_slide(path, mpp=bad)
     s = open_slide(path)
-    for loc, size, msg in (((0, 0), (10 ** 6, 10 ** 6), r"1,000,000 M pixels in one array is more than read_region "
-                                                        r"returns \(at most 1,074 M\); read it in tiles"),
+    for loc, size, msg in (((0, 0), (10 ** 6, 10 ** 6), (r"1,000,000 M pixels in one array is more than read_region "
+                                                         r"returns \(at most 1,074 M\); read it in tiles")),
                            ((0,), (10, 10), r"give two numbers each, \(x, y\) in level-0 pixels and \(width, height\)"),
                            ((float("nan"), 0), (10, 10), r"location_xy=\(nan, 0\) must be finite")):
         with pytest.raises(InvalidParameterError, match=msg):
