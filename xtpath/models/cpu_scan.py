@@ -21,8 +21,10 @@ in the same pass.
 float's exponent bits by a one-line LLVM bitcast, :func:`_pow2`): relative error below 3e-7, 3x faster than
 calling libm per element. Being a plain scalar function, it is computed inside the loops that use it (the
 state update, softplus, the gate, silu), with no pass of its own: measured at 10k tokens x 4 orders x 512
-channels on 2 cores, the indexed forward scan took 236 -> 190 ms per layer and the default context's
-forward 1.58 -> 1.13 s (best of 6; medians 2.0 -> 1.7 s). Softplus's ``log1p`` is a short ``atanh``
+channels on 2 cores, in interleaved A/B runs against the earlier kernels (which kept ``2**k`` in a scratch
+row, and computed softplus, the gate and silu in float64 because of int literals), the indexed forward scan
+took 0.74-0.83x the time per layer and the default context's forward 0.72-0.92x (best of 6: 1.58 -> 1.13 s
+in one run, 1.59 -> 1.46 s in another); backward is level or faster. Softplus's ``log1p`` is a short ``atanh``
 series. Float64 calls ``math.exp``/``math.log1p``. The float64 kernels are what the tests compare with the
 sequential reference (to 1e-10); float32 stays within 1e-5 of it.
 
