@@ -175,9 +175,11 @@ def test_report_of_a_segmenter_compares_masks_on_held_out_slides(runs, tmp_path)
     assert m["dice_per_class"][2] == pytest.approx(2 * pink / (pink + 1))
     # ground truth without masks, or masks with a class the model does not know: one line each
     labels_only = tmp_path / "labels_only.csv"
-    labels_only.write_text("slide_id,label\nx,touch\n")
-    r = _xtpath("report", out, "--labels", labels_only)
-    assert r.returncode == 1 and "no mask column" in r.stderr, r.stderr
+    for text in ("slide_id,label\nx,touch\n", "slide_id,mask\nx,\n"):  # no column, or only empty cells
+        labels_only.write_text(text)
+        r = _xtpath("report", out, "--labels", labels_only)
+        assert r.returncode == 1 and "no row gives a mask (no mask column, or its cells are empty)" in r.stderr, \
+            r.stderr
     whole.write_text(whole.read_text().replace('"pink"', '"stroma"'))
     r = _xtpath("report", out, "--labels", one)
     assert r.returncode == 1 and "class 'stroma' is not one of background, dense, pink" in r.stderr, r.stderr

@@ -76,7 +76,9 @@ def coords_attrs(regions: RegionGrid, name: str, objective_power: float | None =
         "level0_height": int(regions.slide_dimensions[1]),
         "name": name,
         "overlap": 0,
-        # CLAM reads these two: regions cut from level 0, patch_size_level0 pixels each
+        # CLAM's names: regions cut from level 0. CLAM's readers read patch_size (TRIDENT's meaning: the side at
+        # the target resolution) pixels at patch_level, which is the region only when level 0 is at the target
+        # mpp; xtpath's CLAM reader takes patch_size x downsample (= patch_size_level0), see _foreign_step
         "patch_level": 0,
         "downsample": [float(regions.region_size[0] / regions.region_px)] * 2,
     }

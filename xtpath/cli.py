@@ -167,7 +167,8 @@ def tile(
     encoder_px: Annotated[Optional[int], typer.Option(help="Region encoder input side (default: --region-px).")]
     = None,
     min_tissue: Annotated[float, typer.Option(help="Keep regions with at least this tissue fraction (extract's "
-                                                   "default too).")] = 0.25,
+                                                   "default too), and some tissue even at 0 (--no-tissue keeps "
+                                                   "every region).")] = 0.25,
     edge: Annotated[Edge, typer.Option(help="Partial regions at the slide edge: pad (keep) or drop.")] = Edge.pad,
     order: Annotated[Order, typer.Option(help="Region order: raster or along a Hilbert curve.")] = Order.raster,
     no_tissue: Annotated[bool, typer.Option("--no-tissue", help="Keep every region; skip tissue detection.")]

@@ -192,8 +192,9 @@ def _segmentation_report(out: Path, preds: list[dict[str, str]], classes: list[s
     table = read_slides_csv(labels_csv, check_files=False, require_path=False)
     rows = {r.slide_id: r for r in table if r.mask is not None}
     if not rows:
-        raise ManifestError(f"{labels_csv}: no mask column; the slides were scored by a segmentation model: give a "
-                            "CSV with slide_id,mask columns (QuPath GeoJSON or label images)")
+        raise ManifestError(f"{labels_csv}: no row gives a mask (no mask column, or its cells are empty); the "
+                            "slides were scored by a segmentation model: give a CSV with slide_id,mask columns "
+                            "(QuPath GeoJSON or label images)")
     missing = [f"{r.where}: mask {r.mask} not found" for r in rows.values() if not r.mask.is_file()]  # type: ignore
     if missing:
         raise ManifestError("\n".join(missing))

@@ -84,6 +84,11 @@ def test_missing_columns_and_masks(tmp_path):
     p2 = _write(tmp_path, f"slide_id,path,mask\nA,{DATA / 'CMU-1-Small-Region.svs'},\n", "s2.csv")
     with pytest.raises(ManifestError, match="s2.csv:2: empty mask"):
         read_slides_csv(p2, require_masks=True)
+    # a mask that is not there matters only when masks are needed (segmentation), not to a classifier
+    p3 = _write(tmp_path, f"slide_id,path,label,mask\nA,{DATA / 'CMU-1-Small-Region.svs'},x,gone.geojson\n", "s3.csv")
+    assert read_slides_csv(p3, require_labels=True)[0].mask == tmp_path / "gone.geojson"
+    with pytest.raises(ManifestError, match=r"s3.csv:2: mask 'gone.geojson' not found \(looked at "):
+        read_slides_csv(p3, require_masks=True)
     with pytest.raises(ManifestError, match="no such slides CSV"):
         read_slides_csv(tmp_path / "nope.csv")
     with pytest.raises(ManifestError, match="no slides"):

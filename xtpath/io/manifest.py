@@ -94,7 +94,8 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
     require_masks : bool
         Every row needs a ``mask`` (training segmentation).
     check_files : bool
-        Check that slide and mask files exist.
+        Check that slide files exist, and mask files when ``require_masks`` (a classifier never reads the
+        ``mask`` column, so a CSV shared with a segmentation task can name masks that are not on this machine).
     require_path : bool
         Every row needs a ``path`` (all but reading labels back, e.g. ``xtpath report --labels``).
     only, exclude : collections of slide_id
@@ -203,7 +204,7 @@ def read_slides_csv(csv_path: str | os.PathLike[str], *, require_labels: bool = 
             if raw_mask is not None:
                 mask = Path(raw_mask).expanduser()
                 mask = mask if mask.is_absolute() else (base / mask)
-                if check_files and not mask.exists():
+                if check_files and require_masks and not mask.exists():  # only segmentation reads masks
                     problems.append(f"{where}: mask {raw_mask!r} not found (looked at {mask})")
             elif require_masks:
                 problems.append(f"{where}: empty mask; segmentation training needs a mask (GeoJSON or image) "
