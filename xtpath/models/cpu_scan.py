@@ -211,6 +211,8 @@ if numba is not None:
                     er[j] = e
                     sv = e / (_TWO + e)
                     s2 = sv * sv
+                    # written out, as exp's polynomial: a Horner loop over the tuple did not unroll into the same
+                    # code (the indexed scan 199 vs 132 ms per layer)
                     p = _ATANH[6]
                     p = p * s2 + _ATANH[5]
                     p = p * s2 + _ATANH[4]
