@@ -128,14 +128,16 @@ if numba is not None:
         return (p * r + _POLY[0]) * _pow2(k)
 
     @_njit(inline="always")
+    def _exp(x, exact):  # pragma: no cover - compiled
+        """``math.exp`` (float64 kernels, ``exact``) or :func:`_exp32`; ``exact`` is the same for a whole kernel
+        call, so LLVM takes the test out of the loops (measured: as fast as two written-out loops)."""
+        return math.exp(x) if exact else _exp32(x)
+
+    @_njit(inline="always")
     def _exp_row(x, out, exact):  # pragma: no cover - compiled
         """``out[j] = exp(x[j])`` over 1-D rows."""
-        if exact:
-            for j in range(x.shape[0]):
-                out[j] = math.exp(x[j])
-            return
         for j in range(x.shape[0]):
-            out[j] = _exp32(x[j])
+            out[j] = _exp(x[j], exact)
 
     @_jit
     def _copy_tile(src, b, t0, s0, tile, to_tile):  # pragma: no cover - compiled
@@ -232,14 +234,10 @@ if numba is not None:
             if not has_z:
                 for j in range(yl.shape[0]):
                     yl[j] += dl[j] * ul[j]
-            elif exact:
-                for j in range(yl.shape[0]):
-                    zv = zl[j]
-                    yl[j] = (yl[j] + dl[j] * ul[j]) * zv / (_ONE + math.exp(-zv))
             else:
                 for j in range(yl.shape[0]):
                     zv = zl[j]
-                    yl[j] = (yl[j] + dl[j] * ul[j]) * zv / (_ONE + _exp32(-zv))
+                    yl[j] = (yl[j] + dl[j] * ul[j]) * zv / (_ONE + _exp(-zv, exact))
 
     @_jit
     def _forward_kernel(u, delta, bias, softplus, At, B, C, Dv, z, has_z, exact, chunk, d0, d1,
@@ -293,14 +291,8 @@ if numba is not None:
                             cn = ct_row[n]
                             hn = h[n]
                             ar = al[n]
-                            if exact:
-                                for j in range(nd):
-                                    hv = math.exp(dtl[j] * ar[j]) * hn[j] + du[j] * bn
-                                    hn[j] = hv
-                                    acc[j] += cn * hv
-                                continue
                             for j in range(nd):  # the decay computed in the loop: 1.7x faster than a pass of its own
-                                hv = _exp32(dtl[j] * ar[j]) * hn[j] + du[j] * bn
+                                hv = _exp(dtl[j] * ar[j], exact) * hn[j] + du[j] * bn
                                 hn[j] = hv
                                 acc[j] += cn * hv
                     if has_z and indexed:
@@ -378,12 +370,8 @@ if numba is not None:
                         for n in range(n_state):
                             an = av[i, n]
                             ar = At[n, s0:s1]
-                            if exact:
-                                for j in range(nd):
-                                    an[j] = math.exp(dtl[j] * ar[j])
-                            else:
-                                for j in range(nd):
-                                    an[j] = _exp32(dtl[j] * ar[j])
+                            for j in range(nd):
+                                an[j] = _exp(dtl[j] * ar[j], exact)
                         # all decays first, then the states: 20 % faster backward than one n at a time
                         bt_row = B[b, t]
                         ct_row = C[b, t]
@@ -511,12 +499,8 @@ if numba is not None:
                 xr = x[0, rows[b, t], c0:c1] if indexed else x[b, t, c0:c1]
                 _conv_silu_pre(xr, wl, bl, t, ring, pre)
                 orow = out[b, t, c0:c1]
-                if exact:
-                    for j in range(nc):
-                        orow[j] = pre[j] / (_ONE + math.exp(-pre[j]))
-                else:
-                    for j in range(nc):
-                        orow[j] = pre[j] / (_ONE + _exp32(-pre[j]))
+                for j in range(nc):
+                    orow[j] = pre[j] / (_ONE + _exp(-pre[j], exact))
 
     @_jit
     def _conv_silu_backward(x, wT, bias, gout, exact, c0, c1, gx, gwT, gbias):  # pragma: no cover
