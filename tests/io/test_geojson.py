@@ -7,7 +7,7 @@ import uuid
 
 import numpy as np
 
-from xtpath.io.geojson import feature_collection, tile_features, uuid4_strings
+from xtpath.io.geojson import feature_collection, polygon_feature, tile_features, uuid4_strings, write_geojson
 
 
 def test_uuid4_strings_are_distinct_rfc4122_version_4():
@@ -33,6 +33,25 @@ def test_tile_features_geometry_class_and_measurements():
     assert doc["features"][0]["properties"]["classification"]["name"] == "normal"
     assert doc["features"][2]["geometry"]["coordinates"][0][1] == [1280.5, 0]
     assert len({f["id"] for f in doc["features"]}) == 3
+
+
+def test_write_geojson_round_trips_tiles_and_numpy_values(tmp_path):
+    xy = np.array([[0, 0], [512, 256]])
+    probs = np.array([[0.123456789, 0.876543211], [0.5, 0.5]])
+    feats = tile_features(xy, 256, probs, ["normal", "tumour"], [(0, 200, 0), (200, 0, 0)])
+    # numpy numbers (float32 measurements, int64 coordinates) are written as plain JSON numbers
+    feats.append(polygon_feature([[[np.int64(1), np.int64(2)], [3, 2], [3, 4], [1, 2]]], name="Tumor",
+                                 measurements={"area": np.float32(2.5)}))
+    path = tmp_path / "out" / "regions.geojson"
+    write_geojson(path, feats)
+    text = path.read_text(encoding="utf-8")
+    assert text.endswith("\n") and text.count("\n") == 1
+    doc = json.loads(text)
+    assert doc == json.loads(json.dumps(feature_collection(feats), default=float))
+    assert doc["features"][0]["properties"]["measurements"] == {"prob_normal": 0.123457, "prob_tumour": 0.876543}
+    assert doc["features"][2]["geometry"]["coordinates"][0][0] == [1, 2]
+    assert doc["features"][2]["properties"]["measurements"] == {"area": 2.5}
+    assert [p.name for p in path.parent.iterdir()] == ["regions.geojson"]  # no temporary file left
 
 
 def test_read_features_splits_multi_geometries_and_read_annotations_keeps_polygons(tmp_path):
