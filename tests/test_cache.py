@@ -8,7 +8,9 @@ import pytest
 
 from xtpath.cache import (
     CacheWriter,
+    coords_attrs,
     derive_grid,
+    lattice_step,
     load_features,
     read_settings,
     settings_differences,
@@ -106,6 +108,76 @@ def test_clam_files(tmp_path):
 def test_derive_grid_handles_holes():
     grid = np.array([[0, 0], [0, 1], [0, 2], [4, 9], [2, 2]])
     assert np.array_equal(derive_grid(grid[:, ::-1] * 300.0 + 5), grid)
+
+
+def _clam_feature_file(path, coords, feats=None):
+    """What CLAM's extract_features_fp.py writes: int32 coords without attributes, float32 features."""
+    feats = np.arange(len(coords) * 4, dtype=np.float32).reshape(-1, 4) if feats is None else feats
+    with h5py.File(path, "w") as f:
+        f.create_dataset("coords", data=np.asarray(coords, np.int32))
+        f.create_dataset("features", data=feats)
+    return feats
+
+
+def _piece(x0, y0, rows, cols, step=256):
+    """One tissue piece's patches as CLAM cuts them: a lattice starting at the piece's bounding box."""
+    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    return np.stack([x0 + cc.ravel() * step, y0 + rr.ravel() * step], axis=1)
+
+
+def test_clam_pieces_on_their_own_lattices_keep_neighbours_adjacent(tmp_path):
+    # two tissue pieces 111 px apart in x and 120 px off in y: the smallest gap (111) is not the region size
+    a, b = _piece(1000, 500, 3, 3), _piece(1000 + 3 * 256 + 111, 620, 2, 2)
+    coords = np.concatenate([a, b])
+    assert lattice_step(coords) == 256.0
+    feats = _clam_feature_file(tmp_path / "c.h5", coords)
+    sf = load_features(tmp_path / "c.h5")
+    assert sf.source == "clam" and sf.region_size_level0 == 256.0
+    assert np.array_equal(sf.features, feats)
+    assert len(np.unique(sf.grid, axis=0)) == 13  # every region its own cell
+    # inside each piece, neighbours are grid neighbours; cells are on the slide's grid (nearest to x / 256)
+    assert np.array_equal(sf.grid[:9], _piece(0, 0, 3, 3, 1)[:, ::-1] + [2, 4])
+    assert np.array_equal(sf.grid[9:], _piece(0, 0, 2, 2, 1)[:, ::-1] + [2, 7])
+    # a piece cut half a region off the slide's lattice (x = 128 + 256 k) gets one cell per region, not two
+    half = _piece(128, 0, 1, 6)
+    assert len(np.unique(derive_grid(half, 256.0), axis=0)) == 6
+
+
+def test_clam_pieces_closer_than_half_a_region_keep_one_region_per_cell(tmp_path):
+    coords = np.concatenate([_piece(0, 0, 2, 2), _piece(300, 40, 1, 2)])  # (300, 40) lands on cell (0, 1)
+    feats = _clam_feature_file(tmp_path / "c.h5", coords)
+    with pytest.warns(UserWarning, match=r"c\.h5: 1 of 6 regions fall on a grid cell already taken"):
+        sf = load_features(tmp_path / "c.h5")
+    assert len(sf) == 5 and len(np.unique(sf.grid, axis=0)) == 5
+    assert np.array_equal(sf.coords, coords[[0, 1, 2, 3, 5]]) and np.array_equal(sf.features, feats[[0, 1, 2, 3, 5]])
+
+
+def test_overlapping_foreign_regions_are_refused(tmp_path):
+    path = tmp_path / "t.h5"
+    with h5py.File(path, "w") as f:  # TRIDENT --overlap 64: 224-px patches at 20x, 448 px at level 0
+        d = f.create_dataset("coords", data=_piece(0, 0, 3, 3, 448 - 128))
+        d.attrs.update({"patch_size": 224, "patch_size_level0": 448, "level0_magnification": 40,
+                        "target_magnification": 20, "overlap": 64})
+        f.create_dataset("features", data=np.zeros((9, 4), np.float32))
+    with pytest.raises(CacheError, match=r"t\.h5: its regions overlap \(overlap=64\); .*\(TRIDENT --overlap 0"):
+        load_features(path)
+    with h5py.File(path, "w") as f:  # CLAM with step_size 128 < patch_size 256
+        d = f.create_dataset("coords", data=_piece(0, 0, 3, 3, 128))
+        d.attrs.update({"patch_level": 0, "patch_size": 256, "downsample": [1.0, 1.0]})
+        f.create_dataset("features", data=np.zeros((9, 4), np.float32))
+    with pytest.raises(CacheError, match=r"neighbours 128 px apart, 256 px wide\).*CLAM step_size = patch_size"):
+        load_features(path)
+
+
+def test_trident_reads_back_the_regions_xtpath_encoded():
+    # TRIDENT reads patch_size x level0_magnification / target_magnification level-0 pixels per region
+    for mpp, power in ((0.2527, 40.0), (0.2265, 40.0), (0.25, 20.0)):
+        g = make_region_grid((3000, 2000), mpp, 0.5, 256)
+        a = coords_attrs(g, "s", objective_power=power)
+        trident_px = a["patch_size"] * a["level0_magnification"] / a["target_magnification"]
+        assert trident_px == pytest.approx(g.region_size[0], rel=1e-9) and abs(a["patch_size_level0"] - trident_px) < 1
+        assert a["objective_power"] == power  # the slide's nominal power, kept apart
+    assert "objective_power" not in coords_attrs(make_region_grid((3000, 2000), 0.25, 0.5, 256), "s")
 
 
 def test_bad_files(tmp_path):

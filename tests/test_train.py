@@ -559,12 +559,14 @@ def test_a_bad_value_names_the_yaml_file_it_came_from(tmp_path):
     assert load_config(bad, {"epochs": 2}).lr == 0.001
 
 
-def _foreign_caches(src: Path, dst: Path, attrs: dict) -> None:
-    """CLAM- or TRIDENT-style copies of xtpath caches: only ``coords`` (with ``attrs``) and ``features``."""
+def _foreign_caches(src: Path, dst: Path, attrs: dict, scale: int = 1) -> None:
+    """CLAM- or TRIDENT-style copies of xtpath caches: only ``coords`` (with ``attrs``; CLAM's feature files
+    have none, and int32 coordinates) and ``features``; ``scale`` multiplies the coordinates."""
     dst.mkdir()
     for f in sorted(src.glob("*.h5")):
         with h5py.File(f, "r") as a, h5py.File(dst / f.name, "w") as b:
-            b.create_dataset("coords", data=a["coords"][:]).attrs.update(attrs)
+            coords = a["coords"][:] * scale
+            b.create_dataset("coords", data=coords if attrs else coords.astype(np.int32)).attrs.update(attrs)
             b.create_dataset("features", data=a["features"][:])
 
 
@@ -572,11 +574,11 @@ def test_training_and_scoring_on_clam_and_trident_feature_files(demo, tmp_path):
     from xtpath.score import score_slides
 
     root, csv_path = demo
-    # the demo slides are 1 µm/px: 128-px regions at 1 µm/px are 128 level-0 pixels
-    _foreign_caches(root / "cache", tmp_path / "clam", {"patch_size": 128, "patch_level": 0, "downsample": [1, 1]})
+    # the demo slides are 0.5 µm/px: 128-px regions at 1 µm/px are 256 level-0 pixels
+    _foreign_caches(root / "cache", tmp_path / "clam", {})  # as CLAM's extract_features_fp.py writes them
     _foreign_caches(root / "cache", tmp_path / "trident",
-                    {"patch_size": 128, "patch_size_level0": 128, "target_magnification": 10.0,
-                     "level0_magnification": 10.0})
+                    {"patch_size": 128, "patch_size_level0": 256, "target_magnification": 10.0,
+                     "level0_magnification": 20.0, "overlap": 0})
     # CLAM's files record no resolution: one line asking for it, before training
     with pytest.raises(CacheError, match=r"clam/\w+\.h5: a feature file not made by xtpath \(CLAM-style: coords and "
                                          r"features\) does not record the resolution of its patches; pass "
@@ -596,13 +598,19 @@ def test_training_and_scoring_on_clam_and_trident_feature_files(demo, tmp_path):
     cfg2 = yaml.safe_load((tmp_path / "r2" / "config.yaml").read_text())
     assert (cfg2["target_mpp"], cfg2["region_px"]) == (1.0, 128) == (trident_cfg["target_mpp"],
                                                                       trident_cfg["region_px"])
-    # scoring with those files: the region size comes from CLAM's patch_size x downsample
+    # scoring with those files: CLAM records no region size; the regions' spacing gives it
     rows = read_slides_csv(csv_path)
     s = score_slides(rows[:2], tmp_path / "r1", tmp_path / "sc", cache_dir=tmp_path / "clam")
     assert sorted(s.scored) == sorted(r.slide_id for r in rows[:2]) and not s.failed
     with h5py.File(tmp_path / "sc" / rows[0].slide_id / "regions.h5", "r") as f, \
             h5py.File(root / "cache" / f"{rows[0].slide_id}.h5", "r") as c:
-        assert np.array_equal(f["coords"][:], c["coords"][:]) and float(f["coords"].attrs["patch_size_level0"]) == 128
+        assert np.array_equal(f["coords"][:], c["coords"][:]) and float(f["coords"].attrs["patch_size_level0"]) == 256
+        assert np.array_equal(f["grid"][:], c["grid"][:])  # the same cells as xtpath's own cache
+    # files patched at another size than the training files (512-px regions here) are refused, slide by slide
+    _foreign_caches(root / "cache", tmp_path / "clam2x", {}, scale=2)
+    s = score_slides(rows[:1], tmp_path / "r1", tmp_path / "sc3", cache_dir=tmp_path / "clam2x")
+    assert not s.scored and "its regions are 512 px wide at level 0, 256 µm on this slide, but the model was " \
+        "trained on regions of 128 µm" in s.failed[rows[0].slide_id]
     # without them, each slide fails with the reason (nothing is extracted with some other encoder)
     s = score_slides(rows[2:4], tmp_path / "r1", tmp_path / "sc2", cache_dir=tmp_path / "empty")
     assert not s.scored and set(s.failed) == {r.slide_id for r in rows[2:4]}

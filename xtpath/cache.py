@@ -9,7 +9,8 @@ name                      shape / type           meaning
                                                  attributes ``patch_size``, ``patch_size_level0``,
                                                  ``level0_magnification``, ``target_magnification``,
                                                  ``level0_width``, ``level0_height``, ``name`` (TRIDENT)
-                                                 and ``patch_level``, ``downsample`` (CLAM)
+                                                 and ``patch_level``, ``downsample`` (CLAM);
+                                                 ``objective_power`` when the slide records one
 ``features``              (N, D) or (N, h, w, D) pooled vector or token grid per region
 ``grid``                  (N, 2) int64           ``(row, col)`` of each region on the region grid
 ``tissue``                (N,) float32           tissue fraction of each region
@@ -18,7 +19,7 @@ file attributes           ``mpp``, ``target_mpp``, ``region_px``, ``encoder``, `
 ========================  =====================  =========================================================
 
 Feature files made by CLAM or TRIDENT (``coords`` + ``features`` and no ``grid``) are read too: the grid is
-derived from the coordinates.
+derived from the coordinates (:func:`derive_grid`), on the slide's own grid like xtpath's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ __all__ = [
     "COORDS", "GRID", "TISSUE", "FEATURES", "SCHEMA_VERSION", "KEY_FIELDS",
     "write_coords", "coords_attrs", "CacheWriter", "SlideFeatures", "load_features", "read_settings",
     "read_coords_attrs", "feature_dtype",
-    "settings_differences", "same_setting", "other_slide", "derive_grid", "cache_path",
+    "settings_differences", "same_setting", "other_slide", "derive_grid", "lattice_step", "cache_path",
 ]
 
 COORDS = "coords"
@@ -70,7 +72,10 @@ def coords_attrs(regions: RegionGrid, name: str, objective_power: float | None =
     return {
         "patch_size": int(regions.region_px),
         "patch_size_level0": int(round(regions.region_size[0])),
-        "level0_magnification": float(objective_power) if objective_power else _magnification(mx),
+        # TRIDENT re-reads a region as patch_size x level0_magnification / target_magnification level-0 pixels:
+        # both from the exact mpp, so that this is patch_size_level0 (the objective's nominal power, which can
+        # be 10 % off the mpp or plain wrong, is kept apart as objective_power)
+        "level0_magnification": _magnification(mx),
         "target_magnification": _magnification(regions.target_mpp),
         "level0_width": int(regions.slide_dimensions[0]),
         "level0_height": int(regions.slide_dimensions[1]),
@@ -81,6 +86,7 @@ def coords_attrs(regions: RegionGrid, name: str, objective_power: float | None =
         # mpp; xtpath's CLAM reader takes patch_size x downsample (= patch_size_level0), see _foreign_step
         "patch_level": 0,
         "downsample": [float(regions.region_size[0] / regions.region_px)] * 2,
+        **({"objective_power": float(objective_power)} if objective_power else {}),
     }
 
 
@@ -215,6 +221,8 @@ class SlideFeatures:
         ``"xtpath"``, ``"trident"`` or ``"clam"``.
     attrs : dict
         The ``coords`` attributes.
+    path : Path or None
+        The file read.
     """
 
     features: np.ndarray
@@ -225,14 +233,22 @@ class SlideFeatures:
     source: str
     attrs: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    region_step: float | None = None
+    """CLAM/TRIDENT files: the region side the grid was derived with (from the attributes, else the spacing of
+    neighbouring regions)."""
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
 
     @property
     def region_size_level0(self) -> float | None:
+        """Region side in level-0 pixels: xtpath's setting, CLAM's or TRIDENT's attributes, or (CLAM feature
+        files, which record none) the spacing of neighbouring regions."""
         v = self.settings.get("region_size_level0")
-        return float(np.atleast_1d(v)[0]) if v is not None else _foreign_step(self.attrs)
+        if v is not None:
+            return float(np.atleast_1d(v)[0])
+        size = _foreign_step(self.attrs)
+        return size if size is not None else self.region_step
 
 
 def _attr(v: Any) -> Any:
@@ -326,23 +342,66 @@ def settings_differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list
     return out
 
 
-def derive_grid(coords: np.ndarray, step: float | None = None) -> np.ndarray:
-    """``(row, col)`` of square regions from their level-0 ``(x, y)``.
+def lattice_step(coords: np.ndarray) -> float | None:
+    """The spacing of neighbouring regions in level-0 pixels: the most common gap between consecutive regions
+    of one row (same y) or one column (same x). ``None`` when no two regions share a row or a column.
 
-    ``step`` is the region side in level-0 pixels; without it, the smallest gap between distinct x or y values
-    is used (regions are square, so one adjacent pair in either direction is enough).
+    Robust to what the smallest gap is not: CLAM cuts each tissue piece on its own lattice (starting at the
+    piece's bounding box), so regions of two pieces can be a few pixels apart in x or y.
+    """
+    c = np.asarray(coords, dtype=np.float64)
+    gaps = []
+    for a in (0, 1):
+        o = 1 - a
+        s = c[np.lexsort((c[:, a], c[:, o]))]
+        d = np.diff(s[:, a])[s[1:, o] == s[:-1, o]]
+        gaps.append(d[d > 0.5])
+    every = np.concatenate(gaps)
+    if not len(every):
+        return None
+    values, counts = np.unique(np.round(every, 3), return_counts=True)
+    return float(values[np.argmax(counts)])
+
+
+def derive_grid(coords: np.ndarray, step: float | None = None) -> np.ndarray:
+    """``(row, col)`` of square regions from their level-0 ``(x, y)``, on the slide's grid: region ``(r, c)``
+    starts nearest to ``(c * step, r * step)``, as xtpath's own regions do.
+
+    ``step`` is the region side in level-0 pixels; without it, :func:`lattice_step` (or, when no two regions
+    share a row or column, the smallest gap between distinct x or y values).
     """
     coords = np.asarray(coords, dtype=np.float64)
     if len(coords) == 0:
         return np.zeros((0, 2), np.int64)
     if step is None:
+        step = lattice_step(coords)
+    if step is None:
         gaps = np.concatenate([np.diff(np.unique(coords[:, a])) for a in (0, 1)])
         gaps = gaps[gaps > 0.5]
         step = float(gaps.min()) if len(gaps) else 1.0
-    origin = coords.min(axis=0)
-    cols = np.rint((coords[:, 0] - origin[0]) / step).astype(np.int64)
-    rows = np.rint((coords[:, 1] - origin[1]) / step).astype(np.int64)
-    return np.stack([rows, cols], axis=1)
+    # floor(v + 0.5), not rint: rint rounds halves to even, which would put a piece cut half a region off the
+    # slide's lattice onto every other cell twice
+    cells = np.floor(coords / step + 0.5).astype(np.int64)
+    return cells[:, ::-1].copy()
+
+
+def _foreign_layout(path: Path, coords: np.ndarray, attrs: dict[str, Any]) -> tuple[np.ndarray, float | None]:
+    """Grid and region side (level-0 pixels) of a CLAM or TRIDENT file's regions.
+
+    Raises
+    ------
+    CacheError
+        The regions overlap (TRIDENT's ``--overlap``, CLAM's ``step_size`` below ``patch_size``).
+    """
+    size = _foreign_step(attrs)
+    step = lattice_step(coords)
+    overlap = float(np.atleast_1d(attrs.get("overlap", 0) or 0)[0])
+    if overlap > 0 or (size is not None and step is not None and step < 0.9 * size):
+        how = f"overlap={overlap:g}" if overlap > 0 else f"neighbours {step:g} px apart, {size:g} px wide"
+        raise CacheError(f"{path}: its regions overlap ({how}); xtpath's context model needs regions that tile "
+                         "the slide: patch again without overlap (TRIDENT --overlap 0, CLAM step_size = "
+                         "patch_size) or extract with xtpath")
+    return derive_grid(coords, size or step), size or step
 
 
 def load_features(path: str | os.PathLike[str], *, mmap: bool = False) -> SlideFeatures:
@@ -379,9 +438,17 @@ def load_features(path: str | os.PathLike[str], *, mmap: bool = False) -> SlideF
             settings = {}
             tissue = None
             source = "trident" if "patch_size_level0" in attrs else "clam"
-            step = _foreign_step(attrs)
-            grid = derive_grid(coords, step)
+            grid, step = _foreign_layout(path, coords, attrs)
     if len(feats) != len(coords):
         raise CacheError(f"{path}: {len(feats)} feature rows but {len(coords)} coordinates")
+    if source != "xtpath":
+        _, keep = np.unique(grid, axis=0, return_index=True)
+        if len(keep) < len(coords):  # two pieces' lattices within half a region: keep one region per cell
+            keep.sort()
+            warnings.warn(f"{path}: {len(coords) - len(keep)} of {len(coords)} regions fall on a grid cell "
+                          "already taken (tissue pieces patched on their own lattices, as CLAM does, that come "
+                          "within half a region of each other); kept the first region of each cell",
+                          stacklevel=2)
+            grid, feats, coords = grid[keep], feats[keep], coords[keep]
     return SlideFeatures(features=feats, coords=coords, grid=grid, tissue=tissue, settings=settings, source=source,
-                         attrs=attrs, path=path)
+                         attrs=attrs, path=path, region_step=None if source == "xtpath" else step)

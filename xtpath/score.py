@@ -67,6 +67,9 @@ class ScoreModel:
     device: torch.device = torch.device("cpu")
     model_files: list[Path] = field(default_factory=list)
     """The ``model.safetensors`` of every fold (what :meth:`identity` hashes)."""
+    region_um: float | None = None
+    """Side of the regions the model was trained on, in µm (``region_px`` x ``target_mpp``): what CLAM's and
+    TRIDENT's feature files, which name no encoder, are checked against."""
 
     def extract_config(self) -> ExtractConfig:
         """The run's region encoder settings, to extract the caches that are missing."""
@@ -155,9 +158,12 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
             raise CheckpointError(f"--weights {weights}: SHA-256 {sha[:16]}... is not that of the weights the model "
                                   f"was trained with ({str(want)[:16]}...); give the same file")
         extract["weights"] = str(w)
+    region_um = None
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        region_um = float(cfg["region_px"]) * float(cfg["target_mpp"])
     return ScoreModel(run, models, json.loads((meta / "classes.json").read_text()),
                       str(cfg.get("task", "classification")), extract, dev,
-                      [f / "model.safetensors" for f in folders])
+                      [f / "model.safetensors" for f in folders], region_um)
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -459,15 +465,21 @@ def _score_outputs(sm: ScoreModel, row: SlideRow, sf: Any, cache_file: Path, pre
         sm.classes[int(np.argmax(probs[1:])) + 1] if len(probs) > 1 else sm.classes[0]
     size = float(sf.region_size_level0 or 0.0)
     if size <= 0:
-        raise CacheError(f"{cache_file}: the region size is not recorded; re-extract it with xtpath")
-    # cell of each region on the slide's own grid (foreign caches number cells from their first region)
-    cells = np.rint(np.asarray(sf.coords, np.float64)[:, ::-1] / size).astype(np.int64)
+        raise CacheError(f"{cache_file}: the region size is neither recorded nor told by the coordinates (no two "
+                         "regions side by side); re-extract it with xtpath")
+    cells = np.asarray(sf.grid, np.int64)  # (row, col) on the slide's own grid (CLAM's/TRIDENT's files too)
     with open_slide(row.path, mpp=row.mpp) as slide:  # closed now, not when the collector gets to it
         fingerprint = file_fingerprint(row.path)
         other = other_slide(sf.settings or {}, slide.dimensions, fingerprint)
         if other:
             raise CacheError(f"{cache_file}: {other}: slide_id {row.slide_id!r} was used for another file; "
                              "delete this cache file (it is made again) or use another --cache")
+        if sf.source != "xtpath" and sm.region_um and slide.mpp:  # CLAM/TRIDENT: only the region size tells
+            um = size * slide.mpp[0]
+            if abs(um / sm.region_um - 1.0) > 0.1:
+                raise CacheError(f"{cache_file}: its regions are {size:g} px wide at level 0, {um:.0f} µm on this "
+                                 f"slide, but the model was trained on regions of {sm.region_um:.0f} µm; give "
+                                 "--cache files patched at the training files' magnification and patch size")
         label_mask, mask_scale = None, 1.0
         if "masks" in pred:
             label_mask, mask_scale = _label_mask(sm, pred["masks"], cells, slide.dimensions, size)

@@ -329,8 +329,10 @@ def score_folder_layers(folder: Path) -> list[LayerData]:
     layers = [slide_layer(slide)]
     with h5py.File(folder / "regions.h5", "r") as f:
         coords, probs = f["coords"][:], f["probs"][:]
+        cells = f["grid"][:].astype(np.int64) if "grid" in f else None  # written by every xtpath score
     size = float(rec["region_size_level0"])
-    cells = np.rint(coords[:, ::-1] / size).astype(np.int64)
+    if cells is None:
+        cells = np.floor(coords[:, ::-1] / size + 0.5).astype(np.int64)
     classes = list(rec["classes"])
     if (folder / "mask.ome.tif").exists():
         layers.append(mask_layer(folder / "mask.ome.tif", classes, mpp))
