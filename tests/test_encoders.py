@@ -105,6 +105,55 @@ def test_wrong_or_unsafe_weights_are_refused(tmp_path):
         RegionEncoder("test_convnext", weights=tmp_path / "junk.pth", input_px=64)
 
 
+def test_checkpoints_of_timm_training_and_ema_only_files_load(tmp_path):
+    import argparse
+    import pathlib
+
+    src = RegionEncoder("test_convnext", input_px=64, seed=7).eval()
+    sd = {k: v.clone() for k, v in src.model.state_dict().items()}
+    x = _pixels(2, 64)
+    # timm's train.py CheckpointSaver: the weights beside an argparse.Namespace of the arguments, an epoch, ...
+    saver = tmp_path / "checkpoint-3.pth.tar"
+    torch.save({"epoch": 3, "arch": "convnext", "state_dict": sd, "optimizer": {"lr": 0.1},
+                "args": argparse.Namespace(lr=0.1, model="test_convnext")}, saver)
+    ema = tmp_path / "ema.pth"
+    torch.save({"state_dict_ema": sd}, ema)
+    with torch.inference_mode():
+        want = src(x)
+        for path in (saver, ema):
+            assert torch.equal(RegionEncoder("test_convnext", weights=path, input_px=64, seed=1).eval()(x), want)
+    # any other class is still refused, naming what the file holds
+    odd = tmp_path / "odd.pth"
+    torch.save({"state_dict": sd, "where": pathlib.PurePosixPath("/runs/3")}, odd)
+    with pytest.raises(CheckpointError, match=r"odd.pth: cannot read weights \(UnpicklingError: Unsupported global: "
+                                              r"GLOBAL pathlib.PurePosixPath.*\); save the weights alone"):
+        RegionEncoder("test_convnext", weights=odd, input_px=64)
+    listed = tmp_path / "listed.pth"
+    torch.save({"weights": sd, "epoch": 3}, listed)
+    with pytest.raises(CheckpointError, match=r"listed.pth: not a state dict of tensors \(top-level keys: weights, "
+                                              r"epoch\)"):
+        RegionEncoder("test_convnext", weights=listed, input_px=64)
+
+
+def test_vit_weights_load_at_another_encoder_px(tmp_path):
+    """Position embeddings are resampled to the new input size, as timm does for its own pretrained files."""
+    from safetensors.torch import save_file
+    from timm.layers import resample_abs_pos_embed
+
+    src = RegionEncoder("test_vit", input_px=64, seed=7)
+    path = tmp_path / "vit64.safetensors"
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(path))
+    big = RegionEncoder("test_vit", weights=path, input_px=96).eval()
+    assert big.input_px == 96 and big.model.pos_embed.shape != src.model.pos_embed.shape
+    npt = src.model.num_prefix_tokens if not getattr(src.model, "no_embed_class", False) else 0
+    want = resample_abs_pos_embed(src.model.pos_embed, new_size=(6, 6), old_size=(4, 4), num_prefix_tokens=npt)
+    assert torch.allclose(big.model.pos_embed, want)
+    # every other weight is the file's
+    assert torch.equal(big.model.blocks[0].attn.qkv.weight, src.model.blocks[0].attn.qkv.weight)
+    with torch.inference_mode():
+        assert big(_pixels(2, 96)).shape == (2, src.out_dim)
+
+
 def test_unknown_encoder_lists_choices():
     with pytest.raises(InvalidParameterError) as e:
         resolve_encoder("resnet_18")

@@ -8,10 +8,12 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import h5py
 import numpy as np
 import pytest
+import timm
 import torch
 
 from xtpath.cache import load_features, read_settings
@@ -71,6 +73,9 @@ def test_layout_and_failure_in_the_middle(extracted):
         assert f.attrs["encoder"] == "test_convnext" and f.attrs["weights_sha256"] == "random-init:seed=0"
         assert f.attrs["target_mpp"] == 1.0 and f.attrs["region_px"] == 128 and f.attrs["schema_version"] == 1
         assert list(f.attrs["mpp"]) == [0.5, 0.5]
+        # the normalisation used, from the encoder's timm config
+        want = timm.data.resolve_data_config({}, model=timm.create_model("test_convnext", pretrained=False))
+        assert np.allclose(f.attrs["normalize_mean"], want["mean"]) and np.allclose(f.attrs["normalize_std"], want["std"])
         assert json.loads(f.attrs["config"])["tissue"]["min_tissue"] == 0.25
         assert (f["tissue"][:] >= 0.25).all()
 
@@ -356,6 +361,28 @@ def test_a_slide_far_coarser_than_the_target_mpp_fails_with_the_reason(tmp_path)
     assert summary.done == ["cmu"] and list(summary.failed) == ["thumb"]
     assert "28.97 µm/px, 29x coarser than --target-mpp 1" in summary.failed["thumb"]
     assert "thumb" in (cache / "failures.csv").read_text()
+
+
+def test_reading_finer_than_level_0_is_said_once_per_run(tmp_path):
+    rng = np.random.default_rng(1)
+    img = np.full((600, 600, 3), 242, np.uint8)  # a block of tissue on glass
+    img[100:500, 100:500] = np.clip(rng.normal([190, 100, 160], 20, (400, 400, 3)), 0, 255)
+    write_pyramid_tiff(tmp_path / "a.tif", img, 1.0)  # 1 µm/px slides read at 0.5 µm/px: upsampled 2x
+    write_pyramid_tiff(tmp_path / "b.tif", img, 1.0)
+    write_pyramid_tiff(tmp_path / "c.tif", img, 0.5)  # at its level 0: nothing to say
+    cfg = ExtractConfig(**{**ENC, "target_mpp": 0.5, "region_px": 64, "num_workers": 0})
+    for rows, said in (([("c", tmp_path / "c.tif", None)], 0),
+                       ([("a", tmp_path / "a.tif", None), ("b", tmp_path / "b.tif", None)], 1)):
+        csv = _csv(tmp_path, rows, name=f"{rows[0][0]}.csv")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            s = extract_slides(read_slides_csv(csv), tmp_path / "cache", cfg)
+        assert s.done == [r[0] for r in rows]
+        up = [str(w.message) for w in caught if "finer than the slide's level 0" in str(w.message)]
+        assert len(up) == said, up
+    assert up[0].startswith(f"{tmp_path / 'a.tif'}: regions are read at 0.5 µm/px, finer than the slide's level 0 "
+                            "(1 µm/px), so the encoder sees its pixels blown up 2x (said for the first such slide "
+                            "only)")
 
 
 def test_regions_far_from_whole_encoder_inputs_are_warned_about():

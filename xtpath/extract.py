@@ -351,8 +351,16 @@ def _autocast(device: Any) -> Any:
 
 
 def _encode_slide(row: SlideRow, encoder: Any, cfg: ExtractConfig, cache_dir: Path, enc: dict[str, Any],
-                  progress: Progress, num_workers: int) -> int:
+                  progress: Progress, num_workers: int, upsampled: list[str] | None = None) -> int:
     slide, regions = plan_slide(row, cfg, encoder.input_px)
+    finest = min(slide.require_mpp())
+    if upsampled is not None and regions.read_mpp < finest * (1 - UPSAMPLE_TOLERANCE):
+        if not upsampled:  # once per run: a thousand slides scanned at 20x would say it a thousand times
+            warnings.warn(f"{row.path}: regions are read at {regions.read_mpp:.4g} µm/px, finer than the slide's "
+                          f"level 0 ({finest:.4g} µm/px), so the encoder sees its pixels blown up "
+                          f"{finest / regions.read_mpp:.2g}x (said for the first such slide only); use a coarser "
+                          "--target-mpp or a larger --region-px, or check the slide's mpp", UserWarning, stacklevel=2)
+        upsampled.append(row.slide_id)
     with slide:
         return _encode_planned(row, slide, regions, encoder, cfg, cache_dir, enc, progress, num_workers)
 
@@ -373,6 +381,8 @@ def _encode_planned(row: SlideRow, slide: Any, regions: RegionGrid, encoder: Any
     progress("slide_start", {"slide_id": row.slide_id, "regions": len(regions)})
     extra = {"slide_id": row.slide_id, "slide_path": str(row.path), "slide_fingerprint": file_fingerprint(row.path),
              "read_mpp": regions.read_mpp,
+             "normalize_mean": encoder.mean.flatten().div(255.0).tolist(),
+             "normalize_std": encoder.std.flatten().div(255.0).tolist(),
              "subregions_per_side": k, "token_grid": list(encoder.token_grid) if encoder.token_grid else None,
              "order": regions.order}
     with CacheWriter(cache_path(cache_dir, row.slide_id), regions, feature_shape=encoder.feature_shape(k),
@@ -403,6 +413,7 @@ def extract_on_device(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: P
     summary = ExtractSummary()
     encoder = None
     workers = cfg.num_workers if cfg.num_workers is not None else _default_workers()
+    upsampled: list[str] = []  # slides read finer than their level 0
     for row in rows:
         check_stop()
         out = cache_path(cache_dir, row.slide_id)
@@ -429,7 +440,7 @@ def extract_on_device(rows: Sequence[SlideRow], cfg: ExtractConfig, cache_dir: P
                     encoder = encoder.to(memory_format=torch.channels_last)
             try:
                 t0 = time.perf_counter()
-                n = _encode_slide(row, encoder, cfg, cache_dir, enc_settings, progress, workers)
+                n = _encode_slide(row, encoder, cfg, cache_dir, enc_settings, progress, workers, upsampled)
                 summary.done.append(row.slide_id)
                 summary.regions += n
                 clear_failure(cache_dir, row.slide_id)
@@ -542,6 +553,9 @@ def check_config(cfg: ExtractConfig) -> None:
 #: about: CLAM's and TRIDENT's own practice (256-px patches resized to a 224-px encoder, 0.571 µm/px for a
 #: 0.5 target, 14 %) and xtpath's defaults pass; a region twice the encoder's size read as one input does not.
 READ_MPP_TOLERANCE = 0.15
+#: Reading this much finer than a slide's level 0 (upsampling its pixels) is said once per run (an Aperio "40x"
+#: slide of 0.2527 µm/px read at 0.25 is not worth a word; a 20x slide read at 0.25 is)
+UPSAMPLE_TOLERANCE = 0.1
 
 
 def _warn_read_resolution(cfg: ExtractConfig, encoder_px: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,17 +194,55 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 
             sd: Any = load_file(str(p))
         else:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
+            import argparse
+
+            # timm's train.py (and DINO, DeiT) save their arguments as an argparse.Namespace beside the weights:
+            # plain data, allowed; any other class is still refused by weights_only=True
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).splitlines() or [""])[0]
-        raise CheckpointError(f"{p}: cannot read weights ({type(e).__name__}: {first}); "
-                              "use safetensors or a plain state dict saved with torch.save") from e
-    for key in ("state_dict", "model", "teacher", "module"):
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message has terminal bold codes
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
+        why = found.group(0) if found else (text.splitlines() or [""])[0].strip()
+        raise CheckpointError(f"{p}: cannot read weights ({type(e).__name__}: {why[:200]}); save the weights "
+                              "alone, e.g. safetensors.torch.save_file(model.state_dict(), 'w.safetensors'), on a "
+                              "machine where the file can be trusted") from e
+    # checkpoints: the weights under one key (timm's EMA weights only when there are no others)
+    for key in ("state_dict", "model", "teacher", "module", "state_dict_ema", "model_ema"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
+            break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{p}: not a state dict of tensors")
+        found = f"top-level keys: {', '.join(map(str, list(sd)[:8]))}" if isinstance(sd, dict) else type(sd).__name__
+        raise CheckpointError(f"{p}: not a state dict of tensors ({found}); save the model's state_dict() alone")
     return sd
+
+
+_HEAD = ("head.", "fc.", "classifier.", "head_dist.")
+
+
+def _misfits(own: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]) -> tuple[list[str], list[str], list[str]]:
+    """Missing, unexpected (heads aside) and other-shaped keys of ``sd`` for a model whose state is ``own``."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own and not k.startswith(_HEAD)]
+    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    return missing, unexpected, shape
+
+
+def _timm_filtered(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """``sd`` through the ``checkpoint_filter_fn`` of the model's timm module, which timm applies to its own
+    pretrained files: it resamples position embeddings and relative-position tables to this model's input size
+    (weights trained at 224 px for a 256-px ``--encoder-px``) and converts the original repositories' layouts.
+    ``None`` when the module has none or it fails on these weights."""
+    import importlib
+
+    fn = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if fn is None:
+        return None
+    try:
+        return dict(fn(dict(sd), model))
+    except Exception:  # noqa: BLE001 - a filter written for other layouts; the plain mismatch is reported
+        return None
 
 
 def _fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, name: str) -> None:
@@ -213,10 +252,11 @@ def _fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, n
         if cand and sum(k in own for k in cand) >= 0.5 * len(own):
             sd = cand
             break
-    head = ("head.", "fc.", "classifier.", "head_dist.")
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own and not k.startswith(head)]
-    shape = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    missing, unexpected, shape = _misfits(own, sd)
+    if missing or unexpected or shape:
+        filtered = _timm_filtered(model, sd)
+        if filtered is not None and not any(_misfits(own, filtered)):
+            sd, missing, unexpected, shape = filtered, [], [], []
     if missing or unexpected or shape:
         parts = []
         if missing:
@@ -226,8 +266,11 @@ def _fit_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], path: Path, n
         if shape:
             parts.append(f"{len(shape)} of other shape (e.g. {shape[0]}: {tuple(sd[shape[0]].shape)} vs "
                          f"{tuple(own[shape[0]].shape)})")
-        raise CheckpointError(f"{path}: weights do not fit encoder {name!r}: {'; '.join(parts)}; check --encoder "
-                              "(and the alias's kwargs) against the model the weights came from")
+        sized = [k for k in shape if "pos_embed" in k or "relative_position" in k or "patch_embed" in k]
+        hint = (" (these depend on the input size: give --encoder-px the size the weights were trained at)"
+                if sized and len(sized) == len(shape) and not missing and not unexpected else "")
+        raise CheckpointError(f"{path}: weights do not fit encoder {name!r}: {'; '.join(parts)}{hint}; check "
+                              "--encoder (and the alias's kwargs) against the model the weights came from")
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=True)
 
 
