@@ -154,6 +154,54 @@ def test_vit_weights_load_at_another_encoder_px(tmp_path):
         assert big(_pixels(2, 96)).shape == (2, src.out_dim)
 
 
+def _model_folder(folder, **args):
+    """A timm model folder as the Hugging Face hub holds them: config.json (architecture, model_args,
+    pretrained_cfg) and model.safetensors."""
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    model = timm.create_model("test_vit", pretrained=False, num_classes=0, **args)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "architecture": "test_vit", "num_features": model.num_features,
+        "model_args": {"num_classes": 0, **args, "act_layer": "torch.nn.GELU"},
+        "pretrained_cfg": {"mean": [0.1, 0.2, 0.3], "std": [0.4, 0.5, 0.6], "input_size": [3, 64, 64]}}))
+    return model
+
+
+def test_a_timm_model_folder_is_an_encoder_with_its_settings_normalisation_and_weights(tmp_path):
+    from xtpath.extract import ExtractConfig
+    from xtpath.models.encoders import weights_path
+
+    folder = tmp_path / "my_vit"
+    model = _model_folder(folder, img_size=64, init_values=1e-5)  # layer scale: the default test_vit has none
+    enc = RegionEncoder(f"local-dir:{folder}").eval()
+    assert enc.input_px == 64 and enc.weights_sha256 == hashlib.sha256(
+        (folder / "model.safetensors").read_bytes()).hexdigest()
+    assert torch.allclose(enc.mean.flatten(), torch.tensor([0.1, 0.2, 0.3]) * 255)
+    assert torch.allclose(enc.std.flatten(), torch.tensor([0.4, 0.5, 0.6]) * 255)
+    assert torch.equal(enc.model.blocks[0].ls1.gamma, model.blocks[0].ls1.gamma)
+    x = _pixels(2, 64)
+    norm = (x.permute(0, 3, 1, 2).float() / 255 - torch.tensor([0.1, 0.2, 0.3]).view(1, 3, 1, 1)) \
+        / torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        assert torch.allclose(enc(x), model.eval()(norm), atol=1e-5)
+    # extraction settings take the folder's weights file and record the folder absolute
+    cfg = ExtractConfig(encoder=f"local-dir:{folder}")
+    assert cfg.weights == str(folder.resolve() / "model.safetensors") and cfg.encoder == f"local-dir:{folder.resolve()}"
+    with pytest.raises(InvalidParameterError, match=r"--weights .*my_vit: a timm model folder; give it as --encoder "
+                                                    r"local-dir:.*my_vit"):
+        weights_path(folder)
+    with pytest.raises(InvalidParameterError, match=r"--encoder local-dir:.*nowhere has no config.json"):
+        RegionEncoder(f"local-dir:{tmp_path / 'nowhere'}")
+    with pytest.raises(InvalidParameterError, match=r"--encoder hf-hub:nobody/nothing: nobody/nothing is not in this "
+                                                    r"machine's Hugging Face cache"):
+        RegionEncoder("hf-hub:nobody/nothing")
+
+
 def test_unknown_encoder_lists_choices():
     with pytest.raises(InvalidParameterError) as e:
         resolve_encoder("resnet_18")

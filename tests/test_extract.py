@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -383,6 +384,25 @@ def test_reading_finer_than_level_0_is_said_once_per_run(tmp_path):
     assert up[0].startswith(f"{tmp_path / 'a.tif'}: regions are read at 0.5 µm/px, finer than the slide's level 0 "
                             "(1 µm/px), so the encoder sees its pixels blown up 2x (said for the first such slide "
                             "only)")
+
+
+def test_cli_extract_with_a_timm_model_folder(tmp_path):
+    from .test_encoders import _model_folder
+
+    _model_folder(tmp_path / "vit", img_size=64, init_values=1e-5)
+    img = np.full((600, 600, 3), 242, np.uint8)
+    img[100:500, 100:500] = np.clip(np.random.default_rng(2).normal([190, 100, 160], 20, (400, 400, 3)), 0, 255)
+    write_pyramid_tiff(tmp_path / "s.tif", img, 1.0)
+    csv = _csv(tmp_path, [("s", tmp_path / "s.tif", None)])
+    r = _run("extract", csv, "--out", tmp_path / "c", "--encoder", f"local-dir:{tmp_path / 'vit'}", "--region-px", 64,
+             "--target-mpp", 1.0, "--devices", "cpu", "--workers", 0)
+    assert r.returncode == 0, r.stderr
+    assert "randomly initialised" not in r.stderr  # the folder's weights were used
+    with h5py.File(tmp_path / "c" / "s.h5") as f:
+        assert f.attrs["encoder"] == f"local-dir:{(tmp_path / 'vit').resolve()}"
+        assert f.attrs["weights_sha256"] == hashlib.sha256((tmp_path / "vit" / "model.safetensors").read_bytes()).hexdigest()
+        assert np.allclose(f.attrs["normalize_mean"], [0.1, 0.2, 0.3]) and f.attrs["encoder_px"] == 64
+        assert f["features"].shape[1] == 64 and len(f["features"]) > 0
 
 
 def test_regions_far_from_whole_encoder_inputs_are_warned_about():

@@ -316,9 +316,13 @@ def extract(
     slides: Annotated[Path, typer.Argument(help="Slides CSV: slide_id,path[,mpp,...] (paths relative to the CSV).",
                                            show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Cache folder: <slide_id>.h5 per slide, failures.csv.")],
-    encoder: Annotated[str, typer.Option(help="timm model name or alias (uni, ...); see README.")] = "resnet18",
-    weights: Annotated[Optional[Path], typer.Option(help="Local weights (.safetensors, .pth, .bin). Without: random "
-                                                         "init, for tests and demos only.")] = None,
+    encoder: Annotated[str, typer.Option(help="timm model name (with its tag, e.g. vit_small_patch16_224.dino: "
+                                              "the tag sets the normalisation), alias (uni, ...), or a timm model "
+                                              "folder: local-dir:FOLDER or hf-hub:ORG/NAME from the local Hugging "
+                                              "Face cache; see README.")] = "resnet18",
+    weights: Annotated[Optional[Path], typer.Option(help="Local weights (.safetensors, .pth, .bin; a model folder "
+                                                         "has its own). Without: random init, for tests and demos "
+                                                         "only.")] = None,
     features: Annotated[Features, typer.Option(help="pooled: one vector per region; tokens: the region's token grid "
                                                     "(xT's input).")] = Features.pooled,
     target_mpp: Annotated[float, typer.Option(help="Microns per pixel of the regions (0.5 is about 20x).")] = 0.5,
@@ -383,7 +387,7 @@ def extract(
 
     resolve_encoder(cfg.encoder)  # an unknown name is an error before any warning or progress bar
     check_config(cfg)
-    if weights is None:
+    if not cfg.weights:  # (a timm model folder brings its own)
         from xtpath.models.encoders import random_weights_note
 
         typer.echo(f"warning: {random_weights_note(encoder)}", err=True)

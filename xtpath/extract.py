@@ -56,7 +56,8 @@ class ExtractConfig:
     """Settings of an extraction run (the CLI options of ``xtpath extract``)."""
 
     encoder: str = "resnet18"
-    """timm model name or alias (``uni``, ...)."""
+    """timm model name, alias (``uni``, ...) or timm model folder (``local-dir:FOLDER``, ``hf-hub:ORG/NAME``
+    from the local Hugging Face cache), whose weights file is the default ``weights``."""
     weights: str | None = None
     """Local weights file; None = random init (tests and demos only)."""
     features: str = "pooled"
@@ -91,6 +92,15 @@ class ExtractConfig:
     """Redo slides whose cache exists (also when made with other settings)."""
     seed: int = 0
     """Seed of the random init when no weights are given."""
+
+    def __post_init__(self) -> None:
+        from xtpath.models.encoders import HUB_PREFIXES, hub_folder, hub_weights
+
+        if str(self.encoder).startswith(HUB_PREFIXES):  # a timm model folder: its own weights file
+            if self.encoder.startswith("local-dir:"):
+                self.encoder = f"local-dir:{hub_folder(self.encoder)}"  # recorded absolute, like --weights
+            if not self.weights:
+                self.weights = str(hub_weights(self.encoder))
 
     def tissue(self) -> TissueParams:
         return tissue_params(self.tissue_preset, mode=self.tissue_mode)

@@ -26,8 +26,8 @@ from torch import nn
 
 from xtpath.errors import CheckpointError, InvalidParameterError
 
-__all__ = ["ALIASES", "EncoderSpec", "RegionEncoder", "build_region_encoder", "file_sha256",
-           "resolve_encoder", "weights_path"]
+__all__ = ["ALIASES", "HUB_PREFIXES", "EncoderSpec", "RegionEncoder", "build_region_encoder", "file_sha256",
+           "hub_folder", "hub_weights", "resolve_encoder", "weights_path"]
 
 FeatureKind = Literal["pooled", "tokens"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -111,8 +111,78 @@ ALIASES: dict[str, EncoderSpec] = {
 }
 
 
+#: Encoder names of timm model folders (``config.json`` + weights), as ``timm.create_model`` takes them
+HUB_PREFIXES = ("local-dir:", "hf-hub:")
+_HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+
+
+def hub_folder(name: str) -> Path | None:
+    """The folder of a timm model-folder encoder name, or ``None`` for other names: ``local-dir:FOLDER``, or
+    ``hf-hub:ORG/NAME`` found in the local Hugging Face cache (nothing is downloaded).
+
+    Raises
+    ------
+    InvalidParameterError
+        No such folder, no ``config.json`` in it, or the model is not in the local Hugging Face cache.
+    """
+    if name.startswith("local-dir:"):
+        folder = Path(name[len("local-dir:"):]).expanduser()
+    elif name.startswith("hf-hub:"):
+        repo = name[len("hf-hub:"):].split("@")[0]
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(repo, local_files_only=True))
+        except Exception as e:  # not cached, no huggingface_hub, a malformed name
+            raise InvalidParameterError(
+                f"--encoder {name}: {repo} is not in this machine's Hugging Face cache ({type(e).__name__}); "
+                f"download it once where there is internet (huggingface-cli download {repo}) or give the model's "
+                "folder as --encoder local-dir:FOLDER") from e
+    else:
+        return None
+    if not (folder / "config.json").is_file():
+        raise InvalidParameterError(f"--encoder {name}: {folder} has no config.json; a timm model folder holds "
+                                    "config.json and model.safetensors (or pytorch_model.bin)")
+    return folder.resolve()
+
+
+def hub_weights(name: str) -> Path | None:
+    """The weights file of a timm model-folder encoder name (``None`` for other names)."""
+    folder = hub_folder(name)
+    if folder is None:
+        return None
+    for f in _HUB_WEIGHTS:
+        if (folder / f).is_file():
+            return folder / f
+    raise InvalidParameterError(f"--encoder {name}: {folder} holds no {' or '.join(_HUB_WEIGHTS)}")
+
+
+def _hub_spec(name: str, folder: Path) -> EncoderSpec:
+    """A timm model folder's architecture, its ``model_args`` and its ``pretrained_cfg`` normalisation and size."""
+    import json
+
+    import timm
+
+    where = folder / "config.json"
+    try:
+        cfg = json.loads(where.read_text())
+    except (OSError, ValueError) as e:
+        raise InvalidParameterError(f"{where}: not a readable JSON file ({e})") from e
+    arch = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not isinstance(arch, str) or not timm.is_model(arch):
+        raise InvalidParameterError(f"{where}: architecture {arch!r} is not a timm model of this timm "
+                                    f"({timm.__version__}); --encoder {name} needs a timm model folder")
+    args = {k: v for k, v in (cfg.get("model_args") or {}).items() if k not in ("num_classes", "pretrained_cfg")}
+    pc = cfg.get("pretrained_cfg") or {}
+    px = args.pop("img_size", None) or (pc.get("input_size") or [None])[-1]
+    mean, std = pc.get("mean"), pc.get("std")
+    return EncoderSpec(arch, args, tuple(mean) if mean else None, tuple(std) if std else None,
+                       int(px if not isinstance(px, (list, tuple)) else px[-1]) if px else None,
+                       doc=f"timm model folder {folder}")
+
+
 def resolve_encoder(name: str) -> EncoderSpec:
-    """The :class:`EncoderSpec` of an alias or a timm model name.
+    """The :class:`EncoderSpec` of an alias, a timm model name or a timm model folder (:data:`HUB_PREFIXES`).
 
     Raises
     ------
@@ -124,12 +194,16 @@ def resolve_encoder(name: str) -> EncoderSpec:
     key = name.lower()
     if key in ALIASES:
         return ALIASES[key]
+    folder = hub_folder(name)
+    if folder is not None:
+        return _hub_spec(name, folder)
     if timm.is_model(name):
         return EncoderSpec(name)
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f"; close timm names: {', '.join(close)}" if close else ""
-    raise InvalidParameterError(f"encoder {name!r} is neither an alias ({', '.join(sorted(ALIASES))}) nor a timm "
-                                f"model (see timm.list_models()){hint}")
+    raise InvalidParameterError(f"encoder {name!r} is neither an alias ({', '.join(sorted(ALIASES))}), a timm "
+                                f"model (see timm.list_models()) nor a timm model folder (local-dir:FOLDER, "
+                                f"hf-hub:ORG/NAME){hint}")
 
 
 _HASH_CACHE: dict[tuple[str, int, float], str] = {}
@@ -153,10 +227,14 @@ def _layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     import timm.layers
 
     out = dict(kwargs)
-    for k in ("mlp_layer", "act_layer"):
+    for k in ("mlp_layer", "act_layer", "norm_layer"):
         v = out.get(k)
-        if isinstance(v, str):
-            out[k] = getattr(timm.layers, v, None) or getattr(nn, v)
+        if isinstance(v, str):  # "SwiGLUPacked", or a model folder's "timm.layers.SwiGLUPacked", "torch.nn.SiLU"
+            v = v.rsplit(".", 1)[-1]
+            layer = getattr(timm.layers, v, None) or getattr(nn, v, None)
+            if layer is None:
+                raise InvalidParameterError(f"{k}={kwargs[k]!r}: no such layer in timm.layers or torch.nn")
+            out[k] = layer
     return out
 
 
@@ -170,6 +248,10 @@ def weights_path(path: str | os.PathLike[str]) -> Path:
     """A ``--weights`` file as an absolute path, checked before any work starts (runs record where it is)."""
     p = Path(path).expanduser()
     if p.is_dir():
+        if (p / "config.json").is_file():
+            raise InvalidParameterError(f"--weights {path}: a timm model folder; give it as --encoder "
+                                        f"local-dir:{p} (its config.json names the architecture, its settings and "
+                                        "normalisation) and leave out --weights")
         raise InvalidParameterError(f"--weights {path}: a folder, not a file; give the weights file inside it "
                                     "(.safetensors or a PyTorch state dict)")
     if not p.is_file():
@@ -329,6 +411,8 @@ class RegionEncoder(nn.Module):
                              persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0,
                              persistent=False)
+        if weights is None:
+            weights = hub_weights(name)  # a timm model folder brings its own
         if weights is not None:
             wpath = Path(weights)
             _fit_state_dict(model, load_state_dict_file(wpath), wpath, name)
