@@ -454,8 +454,9 @@ def test_evaluation_loss_of_a_class_without_training_slides_and_folds_without_a_
     weights = torch.tensor([1.0, 0.0])  # class 1 has no training slide
     plain = torch.nn.functional.cross_entropy(out.logits, torch.tensor([1]))
     assert torch.isclose(_loss(cfg, out, item, weights), plain)  # not 0 / 0
+    # one slide per loss: its class's weight scales it (cross_entropy's weight= alone would cancel out)
     assert torch.isclose(_loss(cfg, out, SimpleNamespace(label=0), torch.tensor([2.0, 1.0])),
-                         torch.nn.functional.cross_entropy(out.logits, torch.tensor([0])))
+                         2.0 * torch.nn.functional.cross_entropy(out.logits, torch.tensor([0])))
     seg = _cfg(task="segmentation")
     logits = torch.randn(2, 3, 4, 4)
     tgt = torch.full((2, 4, 4), 2)
@@ -465,6 +466,21 @@ def test_evaluation_loss_of_a_class_without_training_slides_and_folds_without_a_
     folds = [{"metrics": {"auc": a, "accuracy": 1.0}} for a in (float("nan"), 0.75, 0.25)]
     summary = _aggregate(folds)["summary"]
     assert summary["auc"]["mean"] == 0.5 and summary["auc"]["n_folds"] == 2 and summary["accuracy"]["n_folds"] == 3
+
+
+def test_class_weights_change_what_an_imbalanced_cohort_trains(tmp_path):
+    csv_path = write_arrangement_dataset(tmp_path, 24, seed=5)
+    lines = csv_path.read_text().splitlines()
+    touch = [ln for ln in lines[1:] if ",touch," in ln]
+    imbalanced = tmp_path / "imbalanced.csv"  # every 'apart' slide, three 'touch' ones
+    imbalanced.write_text("\n".join([lines[0]] + [ln for ln in lines[1:] if ",apart," in ln] + touch[:3]) + "\n")
+    runs = {}
+    for on in (True, False):
+        train(imbalanced, tmp_path / f"cw{on}", _cfg(cache=str(tmp_path / "cache"), epochs=2, context="mean",
+                                                       class_weights=on), show_progress=False, log=lambda m: None)
+        runs[on] = _safetensors(tmp_path / f"cw{on}" / "model.safetensors")
+    assert runs[True].keys() == runs[False].keys()
+    assert any(not torch.equal(runs[True][k], runs[False][k]) for k in runs[True])
 
 
 def test_caches_must_agree_with_each_other_and_with_the_options(demo, tmp_path):

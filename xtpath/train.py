@@ -609,9 +609,12 @@ def _loss(cfg: TrainConfig, out: Any, item: SlideItem, weights: torch.Tensor | N
     # validation and test parts can hold, gets the unweighted loss instead of 0 / 0
     if cfg.task == "classification":
         target = torch.tensor([item.label], device=out.logits.device)
-        if weights is not None and float(weights[item.label]) == 0:
-            weights = None
-        return F.cross_entropy(out.logits.float().reshape(1, -1), target, weight=weights)
+        loss = F.cross_entropy(out.logits.float().reshape(1, -1), target)
+        # one slide per loss: cross_entropy(weight=w) would divide by the same w[label] it multiplies with, so
+        # the weight is applied here (the weights average 1 over the training slides, so the loss's scale holds)
+        if weights is not None and float(weights[item.label]) > 0:
+            loss = loss * weights[item.label].to(loss.dtype)
+        return loss
     logits = out.mask_logits.float()  # (N, C, m, m)
     tgt = item.targets.to(logits.device)  # type: ignore[union-attr]
     if tgt.shape[-1] != logits.shape[-1]:
