@@ -501,6 +501,34 @@ def test_caches_must_agree_with_each_other_and_with_the_options(demo, tmp_path):
         train(csv_path, tmp_path / "c", _cfg(cache=str(root / "cache"), weights=str(other)), show_progress=False)
     for p in ("a", "b", "c"):
         assert not (tmp_path / p / "model.safetensors").exists()
+    # naming the encoder but not the caches' geometry: one message, with the options that give it
+    with pytest.raises(CacheError, match=r"cache: its 8 caches were made with encoder_px=64, target_mpp=1.0, "
+                                         r"region_px=128; this run asks for .*, 0.5, 256. To train on them, leave out "
+                                         r"--encoder .* or pass --encoder-px 64 --target-mpp 1.0 --region-px 128; or "
+                                         r"give another --cache$"):
+        train(csv_path, tmp_path / "e", _cfg(cache=str(root / "cache"), encoder="test_convnext"), show_progress=False)
+
+
+def test_a_new_slide_in_a_cached_cohort_gets_its_cache_made_like_the_others(demo, tmp_path):
+    import shutil
+
+    from xtpath.cache import read_settings, settings_differences
+
+    root, csv_path = demo
+    rows = read_slides_csv(csv_path)
+    grown = tmp_path / "grown"
+    shutil.copytree(root / "cache", grown)
+    (grown / f"{rows[2].slide_id}.h5").unlink()  # the new slide
+    said = []
+    train(csv_path, tmp_path / "d", _cfg(cache=str(grown), epochs=1, context="mean"), show_progress=False,
+          log=said.append)
+    assert f"building 1 missing feature caches in {grown} the way the other caches were made (test_convnext, " \
+        "128 px at 1 µm/px)" in said, said
+    made, before = read_settings(grown / f"{rows[2].slide_id}.h5"), read_settings(root / "cache" / f"{rows[2].slide_id}.h5")
+    assert settings_differences(made, before) == []
+    with h5py.File(grown / f"{rows[2].slide_id}.h5") as a, h5py.File(root / "cache" / f"{rows[2].slide_id}.h5") as b:
+        assert np.array_equal(a["coords"][:], b["coords"][:])
+        assert np.allclose(a["features"][:], b["features"][:], atol=1e-5)
 
 
 def test_bad_options_stop_before_a_run_folder_is_made(demo, tmp_path):

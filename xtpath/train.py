@@ -412,7 +412,7 @@ def _check_label_spellings(rows: Sequence[SlideRow], found: Sequence[str]) -> No
 
 
 def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable[[str], None]) -> _Prepared:
-    from xtpath.extract import ExtractConfig, config_of_cache, encoder_settings, extract_slides
+    from xtpath.extract import ExtractConfig, config_of_cache, encoder_settings
 
     need = {"require_labels": cfg.task == "classification", "require_masks": cfg.task == "segmentation"}
     try:
@@ -451,11 +451,13 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
         from xtpath.cache import read_settings
 
         missing = [r for r, f in zip(rows, files) if not f.exists()]
-        if missing:
+        present = [f for f in files if f.exists()]
+        found = [s for s in (read_settings(f) for f in present) if s]
+        if missing and not found:
+            why = ("the feature files here are not xtpath's, so xtpath cannot make the others: add them with the "
+                   "same extractor" if present else "pass --encoder (and --weights) to build them")
             raise CacheError("\n".join(f"{r.where}: no feature cache {cache_path(cache, r.slide_id)}"
-                                        for r in missing[:20]) +
-                             "\npass --encoder (and --weights) to build them, or --cache with the feature files")
-        found = [s for s in (read_settings(f) for f in files) if s]
+                                        for r in missing[:20]) + f"\n{why}, or --cache with the feature files")
         if found:
             s0 = found[0]
             enc_settings = {k: s0.get(k) for k in ("encoder", "weights_sha256", "features_kind", "encoder_px")}
@@ -467,7 +469,7 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
                 given["weights_sha256"] = file_sha256(cfg.weights)
             for key, value in given.items():
                 if value is not None and not same_setting(value, s0.get(key)):
-                    raise CacheError(f"{files[0]}: the caches were made with {key}={s0.get(key)!r}, this run asks "
+                    raise CacheError(f"{present[0]}: the caches were made with {key}={s0.get(key)!r}, this run asks "
                                      f"for {value!r}; drop the option to train on these caches, or pass --encoder "
                                      "with another --cache to build new ones")
             _check_cache_encoders(rows, files, {**enc_settings, "target_mpp": s0.get("target_mpp"),
@@ -481,6 +483,16 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             # SHA-256 in a cache: from --weights, or kept from this run's earlier extract.json (--resume)
             weights = cfg.weights or _earlier_weights(run_dir / "extract.json", s0.get("weights_sha256"))
             ecfg = config_of_cache(s0, weights)
+            if missing:  # new slides in a cached cohort: their caches are made the way the others were
+                sha = str(s0.get("weights_sha256", ""))
+                if not weights and not sha.startswith("random-init:"):
+                    raise CacheError(f"{missing[0].where}: {len(missing)} slide(s) have no feature cache in {cache} "
+                                     f"(first: {missing[0].slide_id}); they are made the way the other caches were "
+                                     f"({ecfg.encoder}), which needs its weights file: pass --weights FILE (SHA-256 "
+                                     f"{sha[:16]}...)")
+                _build_missing(missing, cache, ecfg, progress,
+                               f"the way the other caches were made ({ecfg.encoder}, {ecfg.region_px} px at "
+                               f"{ecfg.target_mpp:g} µm/px)")
         else:  # CLAM or TRIDENT feature files: the regions' resolution from TRIDENT's attributes or the options
             cfg.target_mpp, cfg.region_px = _foreign_resolution(files[0], cfg.target_mpp, cfg.region_px)
             progress(f"training on feature files not made by xtpath ({files[0].name}...): regions of "
@@ -497,18 +509,7 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
         if cfg.mode == "cached":
             missing = [r for r, f in zip(rows, files) if not f.exists()]
             if missing:
-                progress(f"building {len(missing)} missing feature caches in {cache}")
-                if not ecfg.weights:
-                    from xtpath.models.encoders import random_weights_note
-
-                    progress(f"warning: {random_weights_note(str(ecfg.encoder))}")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", UserWarning)
-                    summary = extract_slides(missing, cache, ecfg)
-                if summary.failed:
-                    bad = "\n".join(f"{r.where}: {r.slide_id}: {summary.failed[r.slide_id]}"
-                                    for r in missing if r.slide_id in summary.failed)
-                    raise CacheError(f"{bad}\nfix or remove these rows (details in {cache / 'failures.csv'})")
+                _build_missing(missing, cache, ecfg, progress)
     if ecfg is not None:
         write_json(run_dir / "extract.json", {**asdict(ecfg), **enc_settings, "cache": str(cache)})
     splits = make_splits(rows, labels, folds=cfg.folds, val_fraction=cfg.val_fraction,
@@ -527,6 +528,25 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
     else:
         in_shape = ()
     return _Prepared(rows, classes, labels, files, splits, in_shape, enc_settings)
+
+
+def _build_missing(missing: Sequence[SlideRow], cache: Path, ecfg: Any, progress: Callable[[str], None],
+                   how: str = "") -> None:
+    """Extract the slides that have no cache yet; a slide that fails stops training with every reason."""
+    from xtpath.extract import extract_slides
+
+    progress(f"building {len(missing)} missing feature caches in {cache}" + (f" {how}" if how else ""))
+    if not ecfg.weights:
+        from xtpath.models.encoders import random_weights_note
+
+        progress(f"warning: {random_weights_note(str(ecfg.encoder))}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        summary = extract_slides(missing, cache, ecfg)
+    if summary.failed:
+        bad = "\n".join(f"{r.where}: {r.slide_id}: {summary.failed[r.slide_id]}"
+                        for r in missing if r.slide_id in summary.failed)
+        raise CacheError(f"{bad}\nfix or remove these rows (details in {cache / 'failures.csv'})")
 
 
 def _foreign_resolution(path: Path, target_mpp: float | None, region_px: int | None) -> tuple[float, int]:
@@ -571,24 +591,48 @@ def _earlier_weights(extract_json: Path, sha: Any) -> str | None:
     return str(w) if w and prev.get("weights_sha256") == sha else None
 
 
+_CACHE_OPTIONS = {"encoder": "--encoder", "weights_sha256": "--weights", "features_kind": "--features",
+                  "encoder_px": "--encoder-px", "target_mpp": "--target-mpp", "region_px": "--region-px"}
+
+
 def _check_cache_encoders(rows: Sequence[SlideRow], files: Sequence[Path], enc: dict[str, Any]) -> None:
+    """Every existing xtpath cache must have been made with the run's encoder settings ``enc``. When they all
+    share one other recipe (the usual case: options left at their defaults), one message says which options
+    give it; otherwise one line per cache."""
     from xtpath.cache import read_settings
 
-    problems = []
+    keys = [k for k in _CACHE_OPTIONS if k in enc]
+    checked, problems = 0, []
     for r, f in zip(rows, files):
         if not f.exists():
             continue
         s = read_settings(f)
         if not s:
             continue  # a CLAM/TRIDENT file: nothing recorded to compare
-        for key in ("encoder", "weights_sha256", "features_kind", "encoder_px", "target_mpp", "region_px"):
-            if key in enc and not same_setting(s.get(key), enc.get(key)):
-                problems.append(f"{r.where}: {f} was made with {key}={s.get(key)!r}, this run uses "
-                                f"{enc.get(key)!r}; every cache of a run needs the same encoder settings: "
-                                "re-extract it (xtpath extract --overwrite) or use another --cache")
-                break
-    if problems:
-        raise CacheError("\n".join(problems))
+        checked += 1
+        diff = [k for k in keys if not same_setting(s.get(k), enc.get(k))]
+        if diff:
+            problems.append((r, f, s, diff))
+    if not problems:
+        return
+    recipes = {tuple(repr(p[2].get(k)) for k in keys) for p in problems}
+    if len(recipes) == 1 and len(problems) == checked:  # the caches agree with each other, not with the run
+        _, f, s, diff = problems[0]
+        made = ", ".join(f"{k}={s.get(k)!r}" for k in diff)
+        asked = ", ".join(f"{enc.get(k)!r}" for k in diff)
+        opts = " ".join(f"{_CACHE_OPTIONS[k]} {s.get(k)}" for k in diff if k not in ("encoder", "weights_sha256"))
+        if "encoder" in diff:
+            opts = f"--encoder {s.get('encoder')} " + opts
+        if "weights_sha256" in diff:
+            opts += f" --weights FILE (SHA-256 {str(s.get('weights_sha256'))[:16]}...)"
+        raise CacheError(f"{f.parent}: its {checked} caches were made with {made}; this run asks for {asked}. To "
+                         "train on them, leave out --encoder (the run takes their settings and builds missing "
+                         f"caches the same way) or pass {opts.strip()}; or give another --cache")
+    lines = [f"{r.where}: {f} was made with {diff[0]}={s.get(diff[0])!r}, this run uses {enc.get(diff[0])!r}; "
+             "every cache of a run needs the same encoder settings: re-extract it (xtpath extract --overwrite) or "
+             "use another --cache" for r, f, s, diff in problems[:20]]
+    more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    raise CacheError("\n".join(lines) + more)
 
 
 # -- the model ------------------------------------------------------------------------------------------------
