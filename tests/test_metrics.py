@@ -25,3 +25,22 @@ def test_plots_of_two_classes_and_of_one(tmp_path):
     assert not (tmp_path / "roc.png").exists() and (tmp_path / "confusion.png").exists()
     m = classification_metrics(probs[1:], labels[1:], 2)
     assert math.isnan(m["auc"]) and math.isnan(m["balanced_accuracy"]) and m["accuracy"] == 2 / 3
+
+
+def test_three_classes_auc_is_sklearns_and_stays_defined_without_a_rare_class():
+    import warnings
+
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([1, 1, 1], 30)
+    labels = np.arange(30) % 3
+    m = classification_metrics(probs, labels, 3)
+    assert math.isclose(m["auc"], roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    # a part without class 2 (one slide of it in the cohort, in training): the mean AUC of classes 0 and 1
+    keep = labels != 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing leaks from scikit-learn
+        m = classification_metrics(probs[keep], labels[keep], 3)
+    want = np.mean([roc_auc_score(labels[keep] == c, probs[keep][:, c]) for c in (0, 1)])
+    assert math.isclose(m["auc"], want) and np.isfinite(m["balanced_accuracy"])

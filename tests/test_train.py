@@ -483,6 +483,21 @@ def test_class_weights_change_what_an_imbalanced_cohort_trains(tmp_path):
     assert any(not torch.equal(runs[True][k], runs[False][k]) for k in runs[True])
 
 
+def test_a_misspelt_label_is_named_with_the_class_it_resembles(tmp_path):
+    csv_path = write_arrangement_dataset(tmp_path, 12, seed=4)
+    lines = csv_path.read_text().splitlines()
+    i = next(k for k, ln in enumerate(lines) if ",touch," in ln)
+    lines[i] = lines[i].replace(",touch,", ",tuoch,")
+    csv_path.write_text("\n".join(lines) + "\n")
+    said = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing leaks from scikit-learn with a class missing from a part
+        train(csv_path, tmp_path / "run", _cfg(cache=str(tmp_path / "cache"), epochs=1, context="mean"),
+              show_progress=False, log=said.append)
+    assert "warning: class 'tuoch' has a single slide: it cannot be in training and evaluation both; did you mean " \
+        "'touch'? (a misspelt label is a class of its own: fix it in the CSV)" in said, said
+
+
 def test_caches_must_agree_with_each_other_and_with_the_options(demo, tmp_path):
     import shutil
 

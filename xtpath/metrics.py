@@ -19,23 +19,31 @@ IGNORE_INDEX = -100
 
 
 def classification_metrics(probs: np.ndarray, labels: np.ndarray, n_classes: int) -> dict[str, float]:
-    """accuracy, balanced accuracy, macro F1 and macro one-vs-rest AUC (scikit-learn)."""
+    """accuracy, balanced accuracy, macro F1 and macro one-vs-rest AUC (scikit-learn).
+
+    With more than two classes, the AUC is the mean one-vs-rest AUC of the classes the set holds (scikit-learn's
+    macro AUC when it holds them all; a test part without a rare class still gets one). Balanced accuracy is the
+    mean recall of the classes the set holds.
+    """
     from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
 
+    labels = np.asarray(labels)
     pred = probs.argmax(1)
-    out = {"accuracy": float(accuracy_score(labels, pred)),
-           "balanced_accuracy": float(balanced_accuracy_score(labels, pred)) if len(set(labels)) > 1 else math.nan,
+    present = sorted(set(labels.tolist()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true": a prediction of an absent class
+        balanced = float(balanced_accuracy_score(labels, pred)) if len(present) > 1 else math.nan
+    out = {"accuracy": float(accuracy_score(labels, pred)), "balanced_accuracy": balanced,
            "f1": float(f1_score(labels, pred, average="macro", labels=list(range(n_classes)), zero_division=0))}
     out["auc"] = math.nan  # undefined when the set holds one class (the caller says so once, not sklearn per call)
-    if len(set(np.asarray(labels).tolist())) > 1:
+    if len(present) > 1:
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # UndefinedMetricWarning for classes absent from this set
+                warnings.simplefilter("ignore")  # UndefinedMetricWarning
                 if n_classes == 2:
                     out["auc"] = float(roc_auc_score(labels, probs[:, 1]))
                 else:
-                    out["auc"] = float(roc_auc_score(labels, probs, multi_class="ovr", average="macro",
-                                                     labels=list(range(n_classes))))
+                    out["auc"] = float(np.mean([roc_auc_score(labels == c, probs[:, c]) for c in present]))
         except ValueError:
             pass
     return out

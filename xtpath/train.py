@@ -441,8 +441,14 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             if labels.count(c) == 0:
                 progress(f"warning: class {name!r} has no slides: its AUC and recall are undefined")
             elif labels.count(c) == 1:
+                import difflib
+
+                others = [o for i, o in enumerate(classes) if i != c and labels.count(i) > 1]
+                close = difflib.get_close_matches(name, others, n=1, cutoff=0.6)
+                typo = (f"; did you mean {close[0]!r}? (a misspelt label is a class of its own: fix it in the CSV)"
+                        if close else "")
                 progress(f"warning: class {name!r} has a single slide: it cannot be in training and evaluation "
-                         "both")
+                         f"both{typo}")
     cache = (Path(cfg.cache) if cfg.cache else run_dir / "cache").resolve()  # extract.json records it whole
     files = [cache_path(cache, r.slide_id) for r in rows]
     enc_settings: dict[str, Any] = {}
