@@ -155,3 +155,21 @@ def test_empty_and_truncated_files_are_one_line_each(tmp_path):
     assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith(f"error: {cut}: not a slide"), r.stderr
     assert lines[0].endswith("check that the file is whole (a copy cut short reads like this) and a slide format "
                              "(SVS, NDPI, TIFF, OME-TIFF, DICOM, MRXS, ...)")
+
+
+def test_a_stopped_train_says_whether_anything_was_kept(tmp_path, capsys):
+    from xtpath.cli import _stopped
+
+    (tmp_path / "run").mkdir()
+    cases = [(["train", "s.csv", "--out", str(tmp_path / "never")], False, 130,
+              "interrupted before the first epoch finished: nothing was kept; run the same command again"),
+             (["train", "s.csv", f"--out={tmp_path / 'never'}"], True, 143,
+              "terminated before the first epoch finished: nothing was kept; run the same command again"),
+             (["train", "s.csv", "-o", str(tmp_path / "run")], False, 130,
+              "interrupted: what was finished is kept; add --resume to the same command to resume"),
+             (["score", "s.csv", "--out", str(tmp_path / "never")], True, 143,
+              "terminated: what was finished is kept; run the same command again to resume")]
+    for argv, terminated, code, said in cases:
+        with pytest.raises(SystemExit) as e:
+            _stopped(argv, terminated)
+        assert e.value.code == code and capsys.readouterr().err.strip() == said

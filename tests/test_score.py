@@ -235,6 +235,16 @@ def test_report_with_labels(runs, tmp_path):
     rep = json.loads((out / "report" / "report.json").read_text())
     assert rep["labelled_not_scored"] == ["never_scored"]
     assert rep.get("n_labelled", 0) + rep["excluded_seen"] == 7  # the first row has no label
+    # only the test slides scored: the training ones are not "missing", they are counted apart
+    only_test = tmp_path / "only_test"
+    score_slides([r for r in rows if parts[r.slide_id] == "test"], root / "cls", only_test,
+                 cache_dir=root / "traincache")
+    r = _xtpath("report", only_test, "--labels", csv_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((only_test / "report" / "report.json").read_text())
+    assert rep["labelled_not_scored"] == [] and rep["not_scored_seen"] == 8 - held_out
+    assert "have no prediction" not in r.stdout
+    assert f"{8 - held_out} labelled slides are not scored and are the model's training or validation slides" in r.stdout
     # labels of training slides only: no metrics, and the plots of the earlier report go
     seen_only = tmp_path / "seen.csv"
     seen_only.write_text("slide_id,label\n" + "".join(f"{r.slide_id},{r.label}\n" for r in rows

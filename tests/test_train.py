@@ -156,7 +156,8 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     assert (run / "config.yaml").read_text() == saved
     # an option given on the command line contradicts the run even when it is the default value (epochs 20)
     default = _run_cli("train", csv_path, "--out", run, "--device", "cpu", "--resume", "--epochs", "20")
-    assert default.returncode == 1 and "settings differ from the run's config.yaml (epochs: 5 -> 20)" in \
+    assert default.returncode == 1 and "settings differ from the run's config.yaml (epochs: 5 -> 20) (the " \
+        "learning-rate schedule is laid out over the run's epochs, so a run cannot be lengthened)" in \
         default.stderr, default.stderr
     # another slides CSV (a slide dropped, one moved from val to train) would mix the run's splits: refused
     lines = Path(csv_path).read_text().splitlines()
@@ -344,10 +345,14 @@ def test_labels_spelt_two_ways_are_refused_and_a_slide_listed_twice_is_warned_ab
 
 def test_k_fold_cross_validation(tmp_path):
     csv_path = write_arrangement_dataset(tmp_path, 12, seed=4)
+    said = []
     rep = train(csv_path, tmp_path / "cv", _cfg(cache=str(tmp_path / "cache"), epochs=1, folds=3, context="mean"),
-                show_progress=False, log=lambda m: None)
+                show_progress=False, log=said.append)
     assert [f["split"] for f in rep["folds"]] == ["fold0", "fold1", "fold2"]
     assert sum(f["n_test"] for f in rep["folds"]) == 12
+    n_train = round(sum(f["n_train"] for f in rep["folds"]) / 3)
+    assert f"--folds 3: each fold tests on one of 3 parts, validates on another and trains on the rest (about " \
+        f"{n_train} of 12 slides); 5 or more folds train on more of them" in said, said
     for k in range(3):
         assert (tmp_path / "cv" / f"fold{k}" / "model.safetensors").exists()
     report = json.loads((tmp_path / "cv" / "report.json").read_text())

@@ -587,6 +587,9 @@ def report(
         missing = rep["labelled_not_scored"]
         console.print(f"{len(missing)} labelled slides have no prediction (not scored, or failed): "
                       f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", soft_wrap=True)
+    if rep.get("not_scored_seen"):
+        console.print(f"{rep['not_scored_seen']} labelled slides are not scored and are the model's training or "
+                      "validation slides (left out of the metrics in any case)", soft_wrap=True)
     if rep.get("training_slides_unknown"):
         console.print(f"warning: the model's training slides are unknown ({rep['training_slides_unknown']}), so "
                       "none could be left out: the metrics may include slides it trained on", soft_wrap=True,
@@ -719,9 +722,16 @@ def main(argv: list[str] | None = None) -> None:
 def _stopped(argv: list[str] | None, terminated: bool) -> None:
     """Say how to resume after Ctrl-C or SIGTERM, and exit 130 or 143."""
     args = list(sys.argv[1:] if argv is None else argv)
+    how = "terminated" if terminated else "interrupted"
+    if args[:1] == ["train"] and "--resume" not in args:
+        out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), None) or \
+            next((b for a, b in zip(args, args[1:]) if a in ("--out", "-o")), None)
+        if out is not None and not Path(out).exists():  # stopped before the first checkpoint: nothing kept
+            typer.echo(f"{how} before the first epoch finished: nothing was kept; run the same command again",
+                       err=True)
+            sys.exit(143 if terminated else 130)
     again = "add --resume to the same command" if args[:1] == ["train"] and "--resume" not in args \
         else "run the same command again"
-    how = "terminated" if terminated else "interrupted"
     typer.echo(f"{how}: what was finished is kept; {again} to resume", err=True)
     sys.exit(143 if terminated else 130)
 

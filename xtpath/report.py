@@ -105,9 +105,12 @@ def report(out_dir: str | os.PathLike[str], labels_csv: str | os.PathLike[str] |
 
 def _held_out(out: Path, preds: list[dict[str, str]], labelled: set[str], rep: dict[str, Any]) -> list[dict[str, str]]:
     """The scored slides with ground truth, less those the model trained or validated on (noted in ``rep``)."""
-    rep["labelled_not_scored"] = sorted(labelled - {p["slide_id"] for p in preds})
+    not_scored = labelled - {p["slide_id"] for p in preds}
     known = [p for p in preds if p["slide_id"] in labelled]
     seen, splits_file, unknown = _seen_in_training(out)
+    # labelled slides the model trained or validated on would be left out anyway: not "missing"
+    rep["labelled_not_scored"] = sorted(not_scored - seen)
+    rep["not_scored_seen"] = len(not_scored & seen)
     if unknown:
         rep["training_slides_unknown"] = unknown
     if seen:

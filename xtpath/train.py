@@ -523,6 +523,11 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
     if not cfg.folds and any(r.split for r in rows) and not any(r.split == "val" for r in rows) and splits[0].val:
         progress(f"the CSV's split column has no val rows: {len(splits[0].val)} of its train slides are held out "
                  "for validation (early stopping, choice of the best epoch)")
+    if cfg.folds:
+        tr = round(float(np.mean([len(sp.train) for sp in splits])))
+        progress(f"--folds {cfg.folds}: each fold tests on one of {cfg.folds} parts, validates on another and trains "
+                 f"on the rest (about {tr} of {len(rows)} slides)"
+                 + ("; 5 or more folds train on more of them" if cfg.folds < 5 else ""))
     if not cfg.folds:
         _say_missing_parts(splits[0], len(rows), progress)
     elif any(r.split for r in rows):
@@ -1130,9 +1135,11 @@ def _resume_settings(run: Path, cfg: TrainConfig) -> None:
         elif name not in _RESUME_FREE and not same_setting(saved[name], value) and saved[name] != value:
             changed.append(f"{name}: {saved[name]!r} -> {value!r}")
     if changed:
+        more = (" (the learning-rate schedule is laid out over the run's epochs, so a run cannot be lengthened)"
+                if any(c.startswith("epochs:") for c in changed) else "")
         raise InvalidParameterError(f"--resume {run}: settings differ from the run's config.yaml "
-                                    f"({'; '.join(changed)}); resume with the run's settings, or start a new run "
-                                    "with another --out")
+                                    f"({'; '.join(changed)}){more}; resume with the run's settings, or start a new "
+                                    "run with another --out")
 
 
 def _remove_unstarted_run(run: Path) -> None:
