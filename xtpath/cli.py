@@ -7,6 +7,7 @@ answers at once. Every error xtpath raises on purpose is printed as one line and
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import sys
@@ -725,7 +726,7 @@ def _stopped(argv: list[str] | None, terminated: bool) -> None:
     how = "terminated" if terminated else "interrupted"
     if args[:1] == ["train"] and "--resume" not in args:
         out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), None) or \
-            next((b for a, b in zip(args, args[1:]) if a in ("--out", "-o")), None)
+            next((b for a, b in itertools.pairwise(args) if a in ("--out", "-o")), None)
         if out is not None and not Path(out).exists():  # stopped before the first checkpoint: nothing kept
             typer.echo(f"{how} before the first epoch finished: nothing was kept; run the same command again",
                        err=True)
