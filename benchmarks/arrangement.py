@@ -3,7 +3,8 @@
 Trains every context encoder (and every Mamba scan option) on tens of synthetic slides
 (:func:`xtpath.models.synthetic.arrangement_slides`: 12x12 region grids with 10 % holes; each region a
 random one of 8 random 32-d "tissue type" vectors plus noise; two regions of a ninth, marked type (a 3x
-longer vector) that either share an edge or lie >= 3 apart) and prints held-out accuracy.
+longer vector) that either share an edge or lie >= 3 apart) and prints held-out accuracy; writes the table as JSON (``--out``, default
+``benchmarks/results/arrangement.json``).
 
 Usage::
 
@@ -14,7 +15,9 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -92,12 +95,15 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=32)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "arrangement.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"arrangement task: {args.train} training / {args.test} held-out slides, 12x12 grid, 32-d "
           "features, "
           f"d_model {args.d_model}, {args.layers} layers, {args.epochs} epochs, threads {args.threads}")
     print(f"{'config':<20} {'seed':>4} {'train acc':>9} {'test acc':>9} {'time s':>7}")
+    rows = []
     for name in args.configs:
         tests = []
         for seed in args.seeds:
@@ -107,8 +113,15 @@ def main() -> None:
             t0 = time.perf_counter()
             tr, te = train_and_score(ctx, train, test, epochs=args.epochs, seed=seed)
             tests.append(te)
-            print(f"{name:<20} {seed:>4} {tr:>9.3f} {te:>9.3f} {time.perf_counter() - t0:>7.1f}", flush=True)
+            seconds = time.perf_counter() - t0
+            rows.append({"config": name, "seed": seed, "train_acc": tr, "test_acc": te, "seconds": seconds})
+            print(f"{name:<20} {seed:>4} {tr:>9.3f} {te:>9.3f} {seconds:>7.1f}", flush=True)
         print(f"{name:<20} mean {'':>9} {sum(tests) / len(tests):>9.3f}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    means = {n: sum(r["test_acc"] for r in rows if r["config"] == n) / len(args.seeds) for n in args.configs}
+    args.out.write_text(json.dumps({"settings": settings, "rows": rows, "mean_test_acc": means}, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
