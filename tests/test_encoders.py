@@ -200,6 +200,16 @@ def test_a_timm_model_folder_is_an_encoder_with_its_settings_normalisation_and_w
     with pytest.raises(InvalidParameterError, match=r"--encoder hf-hub:nobody/nothing: nobody/nothing is not in this "
                                                     r"machine's Hugging Face cache"):
         RegionEncoder("hf-hub:nobody/nothing")
+    # the settings of caches made where the folder was: nothing is looked up until something is extracted
+    gone = ExtractConfig(encoder="local-dir:/elsewhere/vit", weights=None)
+    assert gone.encoder == "local-dir:/elsewhere/vit" and gone.weights is None
+    # layer names: classes by (dotted) name; names timm resolves itself pass through
+    import timm.layers
+
+    from xtpath.models.encoders import _layer_kwargs
+
+    got = _layer_kwargs({"mlp_layer": "timm.layers.SwiGLUPacked", "act_layer": "torch.nn.SiLU", "norm_layer": "rmsnorm"})
+    assert got == {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": torch.nn.SiLU, "norm_layer": "rmsnorm"}
 
 
 def test_unknown_encoder_lists_choices():

@@ -527,6 +527,8 @@ def test_caches_must_agree_with_each_other_and_with_the_options(demo, tmp_path):
                                          r"--encoder .* or pass --encoder-px 64 --target-mpp 1.0 --region-px 128; or "
                                          r"give another --cache$"):
         train(csv_path, tmp_path / "e", _cfg(cache=str(root / "cache"), encoder="test_convnext"), show_progress=False)
+    with pytest.raises(CacheError, match=r"or pass --seed 0 without --weights \(they were made with random weights\); "):
+        train(csv_path, tmp_path / "f", _cfg(cache=str(root / "cache"), **ENC, weights=str(other)), show_progress=False)
 
 
 def test_a_new_slide_in_a_cached_cohort_gets_its_cache_made_like_the_others(demo, tmp_path):
@@ -655,6 +657,9 @@ def test_training_and_scoring_on_clam_and_trident_feature_files(demo, tmp_path):
     assert rep["n_train"] + rep["n_val"] + rep["n_test"] == 8
     assert any("training on feature files not made by xtpath" in m and "regions of 128 px at 1 µm/px" in m
                for m in said), said
+    assert not any(m.startswith("warning:") and "µm wide" in m for m in said), said
+    # the size of the files' regions on a training slide, which score checks other files against
+    assert json.loads((tmp_path / "r1" / "foreign_regions.json").read_text())["region_um"] == 128.0
     # TRIDENT's record it (10x = 1 µm/px)
     trident_cfg = yaml.safe_load((tmp_path / "r1" / "config.yaml").read_text())
     train(csv_path, tmp_path / "r2", _cfg(cache=str(tmp_path / "trident"), epochs=1, context="mean"),
@@ -675,6 +680,13 @@ def test_training_and_scoring_on_clam_and_trident_feature_files(demo, tmp_path):
     s = score_slides(rows[:1], tmp_path / "r1", tmp_path / "sc3", cache_dir=tmp_path / "clam2x")
     assert not s.scored and "its regions are 512 px wide at level 0, 256 µm on this slide, but the model was " \
         "trained on regions of 128 µm" in s.failed[rows[0].slide_id]
+    # training on such files with options that say another size: warned (the files' own size is what counts)
+    said = []
+    train(csv_path, tmp_path / "r3", _cfg(cache=str(tmp_path / "clam2x"), epochs=1, context="mean", target_mpp=1.0,
+                                          region_px=128), show_progress=False, log=said.append)
+    assert any(m.startswith(f"warning: {rows[0].slide_id}.h5's regions are 256 µm wide on ") and
+               "but 128 px at 1 µm/px are 128 µm; give the --target-mpp and --region-px the files were made at" in m
+               for m in said), said
     # without them, each slide fails with the reason (nothing is extracted with some other encoder)
     s = score_slides(rows[2:4], tmp_path / "r1", tmp_path / "sc2", cache_dir=tmp_path / "empty")
     assert not s.scored and set(s.failed) == {r.slide_id for r in rows[2:4]}

@@ -94,13 +94,17 @@ class ExtractConfig:
     """Seed of the random init when no weights are given."""
 
     def __post_init__(self) -> None:
+        from xtpath.errors import InvalidParameterError
         from xtpath.models.encoders import HUB_PREFIXES, hub_folder, hub_weights
 
         if str(self.encoder).startswith(HUB_PREFIXES):  # a timm model folder: its own weights file
-            if self.encoder.startswith("local-dir:"):
-                self.encoder = f"local-dir:{hub_folder(self.encoder)}"  # recorded absolute, like --weights
-            if not self.weights:
-                self.weights = str(hub_weights(self.encoder))
+            # settings of caches made elsewhere may name a folder that is not here: nothing is needed from it
+            # until something is extracted, and building the encoder then says what is missing
+            with contextlib.suppress(InvalidParameterError):
+                if self.encoder.startswith("local-dir:"):
+                    self.encoder = f"local-dir:{hub_folder(self.encoder)}"  # recorded absolute, like --weights
+                if not self.weights:
+                    self.weights = str(hub_weights(self.encoder))
 
     def tissue(self) -> TissueParams:
         return tissue_params(self.tissue_preset, mode=self.tissue_mode)

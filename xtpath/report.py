@@ -175,9 +175,11 @@ def _classification_report(out: Path, preds: list[dict[str, str]], classes: list
 class _ScoredGrid:
     """A scored slide's region grid on the slide's own cells, as :func:`xtpath.data.region_targets` reads it."""
 
-    def __init__(self, grid: np.ndarray, region_size: float) -> None:
+    def __init__(self, coords: np.ndarray, region_size: float) -> None:
         self.region_size_level0 = region_size
-        self.grid = np.asarray(grid, np.int64)
+        # cell nearest each region's level-0 corner (as score drew mask.ome.tif); not the stored grid, which
+        # score folders of CLAM/TRIDENT caches from before 2026-11-27 number from their first region
+        self.grid = np.floor(np.asarray(coords, np.float64)[:, ::-1] / region_size + 0.5).astype(np.int64)
 
 
 def _segmentation_report(out: Path, preds: list[dict[str, str]], classes: list[str], labels_csv: Path,
@@ -212,7 +214,7 @@ def _segmentation_report(out: Path, preds: list[dict[str, str]], classes: list[s
         size, scale = float(rec["region_size_level0"]), float(rec["mask_scale"])
         m = int(round(size / scale))
         with h5py.File(folder / "regions.h5", "r") as f:
-            grid = _ScoredGrid(f["grid"][:], size)
+            grid = _ScoredGrid(f["coords"][:], size)
         mask = tifffile.imread(folder / "mask.ome.tif", series=0, level=0)
         # each region's m x m cells of the predicted mask (255 beyond the mask's edge: not scored)
         H, W = (grid.grid.max(axis=0) + 1) * m

@@ -68,8 +68,8 @@ class ScoreModel:
     model_files: list[Path] = field(default_factory=list)
     """The ``model.safetensors`` of every fold (what :meth:`identity` hashes)."""
     region_um: float | None = None
-    """Side of the regions the model was trained on, in µm (``region_px`` x ``target_mpp``): what CLAM's and
-    TRIDENT's feature files, which name no encoder, are checked against."""
+    """Side in µm of the CLAM/TRIDENT regions the model was trained on (``foreign_regions.json``, measured on a
+    training slide): what the CLAM/TRIDENT files given to score, which name no encoder, are checked against."""
 
     def extract_config(self) -> ExtractConfig:
         """The run's region encoder settings, to extract the caches that are missing."""
@@ -158,9 +158,9 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
             raise CheckpointError(f"--weights {weights}: SHA-256 {sha[:16]}... is not that of the weights the model "
                                   f"was trained with ({str(want)[:16]}...); give the same file")
         extract["weights"] = str(w)
-    region_um = None
-    with contextlib.suppress(KeyError, TypeError, ValueError):
-        region_um = float(cfg["region_px"]) * float(cfg["target_mpp"])
+    region_um = None  # runs trained on CLAM/TRIDENT files: their regions' side in µm
+    with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
+        region_um = float(json.loads((meta / "foreign_regions.json").read_text())["region_um"])
     return ScoreModel(run, models, json.loads((meta / "classes.json").read_text()),
                       str(cfg.get("task", "classification")), extract, dev,
                       [f / "model.safetensors" for f in folders], region_um)

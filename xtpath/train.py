@@ -491,7 +491,7 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             ecfg = config_of_cache(s0, weights)
             if missing:  # new slides in a cached cohort: their caches are made the way the others were
                 sha = str(s0.get("weights_sha256", ""))
-                if not weights and not sha.startswith("random-init:"):
+                if not ecfg.weights and not sha.startswith("random-init:"):
                     raise CacheError(f"{missing[0].where}: {len(missing)} slide(s) have no feature cache in {cache} "
                                      f"(first: {missing[0].slide_id}); they are made the way the other caches were "
                                      f"({ecfg.encoder}), which needs its weights file: pass --weights FILE (SHA-256 "
@@ -504,6 +504,15 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             progress(f"training on feature files not made by xtpath ({files[0].name}...): regions of "
                      f"{cfg.region_px} px at {cfg.target_mpp:g} µm/px; xtpath score can use this model only with "
                      "--cache holding such files (it cannot make them for new slides)")
+            um = _foreign_region_um(rows[0], files[0])
+            if um is not None:  # what score checks other files against (their size in µm on their own slide)
+                write_json(run_dir / FOREIGN_REGIONS_JSON, {"region_um": um, "measured_on": str(files[0])})
+                said = cfg.region_px * cfg.target_mpp
+                if abs(um / said - 1.0) > 0.1:
+                    progress(f"warning: {files[0].name}'s regions are {um:.0f} µm wide on {rows[0].path.name}, but "
+                             f"{cfg.region_px} px at {cfg.target_mpp:g} µm/px are {said:.0f} µm; give the "
+                             "--target-mpp and --region-px the files were made at (they set the segmentation "
+                             "head's scale and what is recorded)")
     else:
         cfg.target_mpp = 0.5 if cfg.target_mpp is None else float(cfg.target_mpp)
         cfg.region_px = 256 if cfg.region_px is None else int(cfg.region_px)
@@ -558,6 +567,22 @@ def _build_missing(missing: Sequence[SlideRow], cache: Path, ecfg: Any, progress
         bad = "\n".join(f"{r.where}: {r.slide_id}: {summary.failed[r.slide_id]}"
                         for r in missing if r.slide_id in summary.failed)
         raise CacheError(f"{bad}\nfix or remove these rows (details in {cache / 'failures.csv'})")
+
+
+#: Beside ``config.yaml`` of a run trained on CLAM/TRIDENT files: the side of their regions in µm, measured on the
+#: first training slide, which ``xtpath score`` checks the files it is given against.
+FOREIGN_REGIONS_JSON = "foreign_regions.json"
+
+
+def _foreign_region_um(row: SlideRow, path: Path) -> float | None:
+    """Side in µm of a CLAM/TRIDENT file's regions on its slide (``None`` when the file or slide does not say)."""
+    from xtpath.io import open_slide
+
+    size = load_features(path).region_size_level0
+    if size is None:
+        return None
+    with open_slide(row.path, mpp=row.mpp) as slide:
+        return None if slide.mpp is None else float(size * slide.mpp[0])
 
 
 def _foreign_resolution(path: Path, target_mpp: float | None, region_px: int | None) -> tuple[float, int]:
@@ -631,14 +656,15 @@ def _check_cache_encoders(rows: Sequence[SlideRow], files: Sequence[Path], enc: 
         _, f, s, diff = problems[0]
         made = ", ".join(f"{k}={s.get(k)!r}" for k in diff)
         asked = ", ".join(f"{enc.get(k)!r}" for k in diff)
-        opts = " ".join(f"{_CACHE_OPTIONS[k]} {s.get(k)}" for k in diff if k not in ("encoder", "weights_sha256"))
-        if "encoder" in diff:
-            opts = f"--encoder {s.get('encoder')} " + opts
-        if "weights_sha256" in diff:
-            opts += f" --weights FILE (SHA-256 {str(s.get('weights_sha256'))[:16]}...)"
+        parts = [f"{_CACHE_OPTIONS[k]} {s.get(k)}" for k in diff if k != "weights_sha256"]
+        sha = str(s.get("weights_sha256"))
+        if "weights_sha256" in diff and sha.startswith("random-init:seed="):
+            parts.append(f"--seed {sha.split('=', 1)[1]} without --weights (they were made with random weights)")
+        elif "weights_sha256" in diff:
+            parts.append(f"--weights FILE (SHA-256 {sha[:16]}...)")
         raise CacheError(f"{f.parent}: its {checked} caches were made with {made}; this run asks for {asked}. To "
                          "train on them, leave out --encoder (the run takes their settings and builds missing "
-                         f"caches the same way) or pass {opts.strip()}; or give another --cache")
+                         f"caches the same way) or pass {' '.join(parts)}; or give another --cache")
     lines = [f"{r.where}: {f} was made with {diff[0]}={s.get(diff[0])!r}, this run uses {enc.get(diff[0])!r}; "
              "every cache of a run needs the same encoder settings: re-extract it (xtpath extract --overwrite) or "
              "use another --cache" for r, f, s, diff in problems[:20]]
@@ -1147,7 +1173,7 @@ def _remove_unstarted_run(run: Path) -> None:
     settings files, the folder if then empty), so that nothing looks like a run. Caches built there stay."""
     if any(run.glob("**/last")):
         return
-    for name in ("config.yaml", "classes.json", "splits.csv", FINGERPRINTS_JSON, "extract.json"):
+    for name in ("config.yaml", "classes.json", "splits.csv", FINGERPRINTS_JSON, "extract.json", FOREIGN_REGIONS_JSON):
         (run / name).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         run.rmdir()

@@ -12,6 +12,7 @@ config, or from the alias of a pathology foundation model (:data:`ALIASES`).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import os
@@ -230,11 +231,10 @@ def _layer_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     for k in ("mlp_layer", "act_layer", "norm_layer"):
         v = out.get(k)
         if isinstance(v, str):  # "SwiGLUPacked", or a model folder's "timm.layers.SwiGLUPacked", "torch.nn.SiLU"
-            v = v.rsplit(".", 1)[-1]
-            layer = getattr(timm.layers, v, None) or getattr(nn, v, None)
-            if layer is None:
-                raise InvalidParameterError(f"{k}={kwargs[k]!r}: no such layer in timm.layers or torch.nn")
-            out[k] = layer
+            last = v.rsplit(".", 1)[-1]
+            layer = getattr(timm.layers, last, None) or getattr(nn, last, None)
+            if layer is not None:
+                out[k] = layer  # otherwise a name timm resolves itself ("rmsnorm", "gelu")
     return out
 
 
@@ -280,7 +280,8 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor
 
             # timm's train.py (and DINO, DeiT) save their arguments as an argparse.Namespace beside the weights:
             # plain data, allowed; any other class is still refused by weights_only=True
-            with torch.serialization.safe_globals([argparse.Namespace]):
+            allow = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+            with allow([argparse.Namespace]) if allow else contextlib.nullcontext():
                 sd = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message has terminal bold codes

@@ -329,10 +329,10 @@ def score_folder_layers(folder: Path) -> list[LayerData]:
     layers = [slide_layer(slide)]
     with h5py.File(folder / "regions.h5", "r") as f:
         coords, probs = f["coords"][:], f["probs"][:]
-        cells = f["grid"][:].astype(np.int64) if "grid" in f else None  # written by every xtpath score
     size = float(rec["region_size_level0"])
-    if cells is None:
-        cells = np.floor(coords[:, ::-1] / size + 0.5).astype(np.int64)
+    # the cell nearest each region's level-0 corner, as score draws its heatmap and mask (not the stored grid,
+    # which older score folders of CLAM/TRIDENT caches number from their first region)
+    cells = np.floor(coords[:, ::-1] / size + 0.5).astype(np.int64)
     classes = list(rec["classes"])
     if (folder / "mask.ome.tif").exists():
         layers.append(mask_layer(folder / "mask.ome.tif", classes, mpp))
