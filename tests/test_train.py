@@ -408,7 +408,9 @@ def test_bad_inputs_stop_before_training(demo, tmp_path):
     with pytest.raises(ManifestError, match=r"bad_labels.csv:3: label 'benign' is not in the class map"):
         train(bad, tmp_path / "a", _cfg(cache=str(root / "cache"), classes=["apart", "touch"]),
               show_progress=False)
-    with pytest.raises(CacheError, match="was made with encoder='test_convnext', this run uses 'test_resnet'"):
+    with pytest.raises(CacheError, match=r"cache: its 8 caches were made with encoder='test_convnext'; this run asks "
+                                         r"for 'test_resnet'\. To train on them, leave out --encoder .* or pass "
+                                         r"--encoder test_convnext; or give another --cache$"):
         train(csv_path, tmp_path / "b", _cfg(cache=str(root / "cache"), **{**ENC, "encoder": "test_resnet"}),
               show_progress=False)
     nomask = root / "nomask.csv"
