@@ -376,7 +376,6 @@ def extract(
         cfg = load_run(like, weights=weights).extract_config()
         cfg.batch_size, cfg.num_workers, cfg.overwrite = batch_size, workers, overwrite
         cfg.backend = backend.value
-        weights = Path(cfg.weights) if cfg.weights else None
         encoder = cfg.encoder
     else:
         cfg = ExtractConfig(encoder=encoder, weights=str(weights) if weights else None, features=features.value,

@@ -94,6 +94,8 @@ class ExtractConfig:
     """Seed of the random init when no weights are given."""
 
     def __post_init__(self) -> None:
+        if ":" not in str(self.encoder):  # timm names and aliases: nothing to look up (and no torch import here)
+            return
         from xtpath.errors import InvalidParameterError
         from xtpath.models.encoders import HUB_PREFIXES, hub_folder, hub_weights
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from xtpath.cache import derive_grid
 from xtpath.errors import InvalidParameterError, ManifestError
 from xtpath.io import read_slides_csv
 from xtpath.io.files import write_json
@@ -179,7 +180,7 @@ class _ScoredGrid:
         self.region_size_level0 = region_size
         # cell nearest each region's level-0 corner (as score drew mask.ome.tif); not the stored grid, which
         # score folders of CLAM/TRIDENT caches from before 2026-11-27 number from their first region
-        self.grid = np.floor(np.asarray(coords, np.float64)[:, ::-1] / region_size + 0.5).astype(np.int64)
+        self.grid = derive_grid(coords, region_size)
 
 
 def _segmentation_report(out: Path, preds: list[dict[str, str]], classes: list[str], labels_csv: Path,

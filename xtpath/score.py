@@ -158,9 +158,11 @@ def load_run(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
             raise CheckpointError(f"--weights {weights}: SHA-256 {sha[:16]}... is not that of the weights the model "
                                   f"was trained with ({str(want)[:16]}...); give the same file")
         extract["weights"] = str(w)
+    from xtpath.train import FOREIGN_REGIONS_JSON
+
     region_um = None  # runs trained on CLAM/TRIDENT files: their regions' side in µm
     with contextlib.suppress(OSError, KeyError, TypeError, ValueError):
-        region_um = float(json.loads((meta / "foreign_regions.json").read_text())["region_um"])
+        region_um = float(json.loads((meta / FOREIGN_REGIONS_JSON).read_text())["region_um"])
     return ScoreModel(run, models, json.loads((meta / "classes.json").read_text()),
                       str(cfg.get("task", "classification")), extract, dev,
                       [f / "model.safetensors" for f in folders], region_um)

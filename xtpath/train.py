@@ -453,6 +453,7 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
     files = [cache_path(cache, r.slide_id) for r in rows]
     enc_settings: dict[str, Any] = {}
     ecfg: ExtractConfig | None = None  # how the caches are (or were) made: RUN_DIR/extract.json
+    first: Any = None  # the first CLAM/TRIDENT file, once read
     if cfg.encoder is None:  # train on existing caches, adopting their settings
         from xtpath.cache import read_settings
 
@@ -504,7 +505,8 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
             progress(f"training on feature files not made by xtpath ({files[0].name}...): regions of "
                      f"{cfg.region_px} px at {cfg.target_mpp:g} µm/px; xtpath score can use this model only with "
                      "--cache holding such files (it cannot make them for new slides)")
-            um = _foreign_region_um(rows[0], files[0])
+            first = load_features(files[0])  # also gives the input shape below
+            um = _foreign_region_um(rows[0], first.region_size_level0)
             if um is not None:  # what score checks other files against (their size in µm on their own slide)
                 write_json(run_dir / FOREIGN_REGIONS_JSON, {"region_um": um, "measured_on": str(files[0])})
                 said = cfg.region_px * cfg.target_mpp
@@ -543,7 +545,7 @@ def _prepare(csv_path: Path, cfg: TrainConfig, run_dir: Path, progress: Callable
         progress(f"note: --folds {cfg.folds}: the CSV's split column is not used; the folds are drawn over all "
                  f"{len(rows)} slides (drop --folds to train on the column's split)")
     if cfg.mode == "cached":
-        sf = load_features(files[0])
+        sf = first if first is not None else load_features(files[0])
         in_shape = tuple(sf.features.shape[1:])
     else:
         in_shape = ()
@@ -574,11 +576,11 @@ def _build_missing(missing: Sequence[SlideRow], cache: Path, ecfg: Any, progress
 FOREIGN_REGIONS_JSON = "foreign_regions.json"
 
 
-def _foreign_region_um(row: SlideRow, path: Path) -> float | None:
-    """Side in µm of a CLAM/TRIDENT file's regions on its slide (``None`` when the file or slide does not say)."""
+def _foreign_region_um(row: SlideRow, size: float | None) -> float | None:
+    """Side in µm of a CLAM/TRIDENT file's regions (``size`` level-0 pixels) on its slide (``None`` when the file
+    or the slide does not say)."""
     from xtpath.io import open_slide
 
-    size = load_features(path).region_size_level0
     if size is None:
         return None
     with open_slide(row.path, mpp=row.mpp) as slide:

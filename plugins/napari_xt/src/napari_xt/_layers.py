@@ -307,6 +307,7 @@ def score_folder_layers(folder: Path) -> list[LayerData]:
     """The slide, per-class heatmaps, region scores and (segmentation) the mask of an ``xtpath score`` folder."""
     import h5py
 
+    from xtpath.cache import derive_grid
     from xtpath.io import open_slide
 
     rec = json.loads((folder / "prediction.json").read_text())
@@ -332,7 +333,7 @@ def score_folder_layers(folder: Path) -> list[LayerData]:
     size = float(rec["region_size_level0"])
     # the cell nearest each region's level-0 corner, as score draws its heatmap and mask (not the stored grid,
     # which older score folders of CLAM/TRIDENT caches number from their first region)
-    cells = np.floor(coords[:, ::-1] / size + 0.5).astype(np.int64)
+    cells = derive_grid(coords, size)
     classes = list(rec["classes"])
     if (folder / "mask.ome.tif").exists():
         layers.append(mask_layer(folder / "mask.ome.tif", classes, mpp))
